@@ -1,0 +1,48 @@
+"""The `petct` command line: one entry point, one module per subcommand.
+
+Each subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+A module is imported only when its subcommand runs, so `petct --help` and the
+data tools start without importing JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from petct_jax.errors import PetctError
+
+# name -> (module, one-line help). Only subcommands that work are listed.
+COMMANDS: dict[str, tuple[str, str]] = {
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="petct", description="Whole-body FDG PET/CT foundation model in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        build_parser().parse_args(argv)  # prints usage or the error, and exits
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"petct {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except PetctError as e:
+        print(f"petct {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
