@@ -11,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from petct_jax.config import split_overrides
 from petct_jax.errors import PetctError
 
 # name -> (module, one-line help). Only subcommands that work are listed.
@@ -36,7 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"petct {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    try:
+        rest, overrides = split_overrides(argv[1:])
+    except PetctError as e:
+        parser.error(str(e))
+    args = parser.parse_args(rest)
+    if overrides and not hasattr(args, "config"):
+        parser.error(f"petct {name} takes no --config overrides")
+    args.config_overrides = overrides
     try:
         return int(module.run(args) or 0)
     except PetctError as e:

@@ -1,0 +1,103 @@
+"""MAE pretraining (method.md), big_vision style: `configs/pretrain.py:VARIANT`.
+
+VARIANT is a comma-separated list of tokens, e.g. `plain_unet`, `swin_base,pet`,
+`tiny,token`:
+  backbone:  plain_unet (default, the paper's nnU-Net 6-stage 32..320), resenc_l,
+             swin_small, swin_base, swin_large, tiny (a CPU-sized PlainConvUNet on
+             small patches, for laptops, tests and the demo)
+  modality:  joint (default: PET+CT, 2 channels), pet, ct (the separated-modality baseline)
+  ablations: token (learnable mask token instead of zero imputation), vw0 / vw1
+             (visible_weight 0 or 1 instead of 0.2), shared_mask (one mask for both
+             channels), ratio75 (mask ratio 0.75), block8 (8x8x8 blocks)
+Every value can also be set with `--config.KEY=VALUE`.
+
+Schedules are in steps. The paper's 200 epochs of 4,997 scans at batch 16 are
+62,500 steps (`total_steps` default).
+"""
+
+import ml_collections
+
+BACKBONES = {
+    # name: (model.name, model.preset, lr)
+    "plain_unet": ("plain_unet", "default", 5e-4),
+    "resenc_l": ("resenc_unet", "L", 5e-4),
+    "swin_small": ("swin_unetr", "small", 1e-4),
+    "swin_base": ("swin_unetr", "base", 1e-4),
+    "swin_large": ("swin_unetr", "large", 1e-4),
+    "tiny": ("plain_unet", "tiny", 2e-3),
+}
+MODALITIES = {"joint": ("pet", "ct"), "pet": ("pet",), "ct": ("ct",)}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tokens = [t for t in (arg or "").split(",") if t]
+    unknown = [t for t in tokens if t not in BACKBONES and t not in MODALITIES
+               and t not in ("token", "vw0", "vw1", "shared_mask", "ratio75", "block8")]
+    if unknown:
+        raise KeyError(f"unknown variant token(s) {unknown}")
+    backbone = next((t for t in tokens if t in BACKBONES), "plain_unet")
+    modality = next((t for t in tokens if t in MODALITIES), "joint")
+    name, preset, lr = BACKBONES[backbone]
+    tiny = backbone == "tiny"
+
+    c = ml_collections.ConfigDict()
+    c.task = "mae"
+    c.variant = ",".join(tokens) or "plain_unet"
+    c.store = ""  # the harmonized store (path or URL): `petct preprocess --out STORE`
+    c.seed = 0
+    c.total_steps = 400 if tiny else 62_500
+    c.batch_size = 2 if tiny else 16  # global batch
+    c.grad_accum = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.channels = MODALITIES[modality]
+    c.data.patch = (32, 32, 32) if tiny else (96, 128, 128)
+    c.data.normalization = "zscore"  # the paper's per-scan z-score; or "nnunet"
+    c.data.zoom_prob = 0.5
+    c.data.zoom_range = (0.9, 1.1)
+    c.data.num_workers = 0 if tiny else 8
+    c.data.val_fraction = 0.1  # held-out patients for the validation loss (never a test set)
+    c.data.exclude = ""  # a split JSON/CSV whose `test` cases are never pretrained on
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = name
+    c.model.preset = preset
+    c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay f32
+    c.model.remat = ""  # "", "stage" or "stage_dots"
+    c.model.overrides = ml_collections.ConfigDict()  # constructor arguments of the backbone
+
+    c.mae = ml_collections.ConfigDict()
+    c.mae.imputation = "token" if "token" in tokens else "zero"
+    c.mae.visible_weight = 0.0 if "vw0" in tokens else 1.0 if "vw1" in tokens else 0.2
+    c.mae.ratio = 0.75 if "ratio75" in tokens else 0.5
+    c.mae.block = (8, 8, 8) if "block8" in tokens else (4, 4, 4) if tiny else (12, 16, 16)
+    c.mae.per_channel = "shared_mask" not in tokens
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = lr
+    c.optim.end_lr = 1e-6
+    c.optim.warmup_steps = 20 if tiny else 1_000
+    c.optim.weight_decay = 1e-5
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # all devices not used by fsdp
+    c.mesh.fsdp = 1  # >1 splits parameters and optimizer state (large Swin models)
+    c.mesh.min_fsdp_size = 2 ** 18
+    c.mesh.rules = ()  # ((regex, "spec,..."), ...) by parameter path; first match wins
+
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.every_steps = 100 if tiny else 1_000
+    c.ckpt.keep = 2
+    c.ckpt.keep_best = 1
+    c.ckpt.async_save = True
+
+    c.log_every = 10 if tiny else 50
+    c.eval_every = 100 if tiny else 1_000
+    c.eval_batches = 2 if tiny else 16
+    c.preview_every = 100 if tiny else 2_000
+    c.on_nonfinite = "stop"  # or "skip": keep the previous parameters and go on
+    return c

@@ -1,0 +1,333 @@
+"""The harmonized PET/CT store: TensorStore zarr3 arrays plus a JSON-lines manifest.
+
+Layout of a store rooted at STORE (a local path or a TensorStore kvstore URL such as
+`gs://bucket/store/`):
+
+    STORE/store.json          format version, target spacing, chunk shape, orientation
+    STORE/manifest.jsonl      one JSON object per finished case (the commit point)
+    STORE/failures.jsonl      one JSON object per case that failed to preprocess
+    STORE/cases/<id>/pet      zarr3, float16, SUV
+    STORE/cases/<id>/ct       zarr3, int16, HU
+    STORE/cases/<id>/seg      zarr3, uint8, 0/1 (only for labelled cases)
+
+Orientation: every array is indexed [z, y, x] with z running inferior -> superior,
+y posterior -> anterior and x left -> right (the transpose of nibabel's closest
+canonical RAS+ orientation). `record["affine_zyx"]` maps (z, y, x, 1) voxel indices
+to RAS+ world millimetres.
+
+Each array is one zarr3 shard (the `sharding_indexed` codec) holding chunks of
+`chunk_zyx` voxels compressed with zstd: a cohort is a few files per scan rather
+than thousands, and a random 96x128x128 patch reads only the chunks it touches.
+
+A case becomes visible only when its manifest line is written, after its arrays are
+complete; a case whose arrays exist without a manifest line is an interrupted write
+and is rewritten by the next run. Later manifest lines for the same id (from
+`--overwrite`) replace earlier ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+from petct_jax.errors import PetctError
+
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_ZYX = (32, 64, 64)
+ORIENTATION = "zyx index = (inferior->superior, posterior->anterior, left->right); world RAS+ mm"
+ARRAY_DTYPES = {"pet": "float16", "ct": "int16", "seg": "uint8"}
+
+_INFO = "store.json"
+_MANIFEST = "manifest.jsonl"
+_FAILURES = "failures.jsonl"
+
+
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def _kvstore(path: str) -> Any:
+    """A TensorStore kvstore spec for a local path or a URL (gs://, s3://, file://...)."""
+    if is_url(path):
+        return path if path.endswith("/") else path + "/"
+    return {"driver": "file", "path": os.path.abspath(path) + "/"}
+
+
+# ---------------------------------------------------------------------------
+# Small text files (store.json, manifest, failures): local files are appended in
+# place; on object storage, which cannot append, the file is read and rewritten.
+
+_append_lock = threading.Lock()
+
+
+def _read_text(root: str, name: str) -> str | None:
+    if not is_url(root):
+        try:
+            with open(os.path.join(root, name), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    kv = ts.KvStore.open(_kvstore(root)).result()
+    got = kv.read(name).result()
+    return got.value.decode("utf-8") if got.state == "value" else None
+
+
+def _write_text(root: str, name: str, text: str) -> None:
+    if not is_url(root):
+        path = os.path.join(root, name)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers never see half a file
+        return
+    kv = ts.KvStore.open(_kvstore(root)).result()
+    kv.write(name, text.encode("utf-8")).result()
+
+
+def _append_line(root: str, name: str, obj: dict) -> None:
+    line = json.dumps(obj, sort_keys=True) + "\n"
+    with _append_lock:
+        if not is_url(root):
+            with open(os.path.join(root, name), "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            return
+        _write_text(root, name, (_read_text(root, name) or "") + line)
+
+
+def _parse_jsonl(text: str | None, source: str) -> list[dict]:
+    records = []
+    for n, line in enumerate((text or "").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            # A torn last line (power loss mid-append) is an unfinished commit; anything
+            # else is corruption the user must see.
+            if n == len(text.splitlines()):
+                continue
+            raise PetctError(f"{source}: line {n} is not valid JSON")
+    return records
+
+
+# ---------------------------------------------------------------------------
+# Creating and writing.
+
+def create(root: str, *, spacing_zyx: Sequence[float],
+           chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX) -> dict:
+    """Create the store (or check that an existing one has the same spacing)."""
+    info = {
+        "format_version": FORMAT_VERSION,
+        "spacing_zyx": [float(s) for s in spacing_zyx],
+        "chunk_zyx": [int(c) for c in chunk_zyx],
+        "orientation": ORIENTATION,
+        "arrays": ARRAY_DTYPES,
+    }
+    if not is_url(root):
+        os.makedirs(root, exist_ok=True)
+    existing = _read_text(root, _INFO)
+    if existing is None:
+        _write_text(root, _INFO, json.dumps(info, indent=2) + "\n")
+        return info
+    old = json.loads(existing)
+    if old.get("format_version") != FORMAT_VERSION:
+        raise PetctError(f"{_join(root, _INFO)}: store format {old.get('format_version')} "
+                         f"is not {FORMAT_VERSION}")
+    if not np.allclose(old["spacing_zyx"], info["spacing_zyx"]):
+        raise PetctError(f"{_join(root, _INFO)}: store spacing {old['spacing_zyx']} differs "
+                         f"from requested {info['spacing_zyx']}; use a new store")
+    return old
+
+
+def _array_spec(root: str, case_id: str, name: str) -> dict:
+    return {"driver": "zarr3", "kvstore": _kvstore(_join(root, "cases", case_id, name))}
+
+
+def write_array(root: str, case_id: str, name: str, data: np.ndarray,
+                chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX, *,
+                context: ts.Context | None = None) -> ts.Future:
+    """Start writing one (z, y, x) array of a case as a single zarr3 shard; returns the future.
+
+    Any previous array at that place (an interrupted or overwritten case) is replaced.
+    """
+    if name not in ARRAY_DTYPES:
+        raise ValueError(f"unknown store array {name!r}; expected one of {list(ARRAY_DTYPES)}")
+    dtype = ARRAY_DTYPES[name]
+    if data.ndim != 3:
+        raise ValueError(f"store arrays are 3D (z, y, x); got shape {data.shape}")
+    chunk = [min(int(c), int(s)) for c, s in zip(chunk_zyx, data.shape)]
+    shard = [int(-(-s // c) * c) for s, c in zip(data.shape, chunk)]  # multiple of the chunk
+    spec = _array_spec(root, case_id, name)
+    spec.update({
+        "create": True,
+        "delete_existing": True,
+        "metadata": {
+            "shape": list(data.shape),
+            "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
+            "codecs": [{
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": chunk,
+                    "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                               {"name": "zstd", "configuration": {"level": 3}}],
+                    "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                     {"name": "crc32c"}],
+                },
+            }],
+            "dimension_names": ["z", "y", "x"],
+        },
+    })
+    arr = ts.open(spec, context=context).result()
+    return arr.write(np.asarray(data, dtype=dtype))
+
+
+def write_case(root: str, case_id: str, arrays: dict[str, np.ndarray],
+               chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX) -> int:
+    """Write all arrays of a case (concurrently) and return the bytes they occupy on disk.
+
+    The case is not visible until `commit_case` appends its manifest record.
+    """
+    context = ts.Context()
+    futures = [write_array(root, case_id, name, data, chunk_zyx, context=context)
+               for name, data in arrays.items()]
+    for f in futures:
+        f.result()
+    return case_bytes(root, case_id)
+
+
+def case_bytes(root: str, case_id: str) -> int:
+    """Bytes on disk of a case's arrays (local stores; 0 when unknown, e.g. on a URL)."""
+    if is_url(root):
+        return 0
+    total = 0
+    for dirpath, _, files in os.walk(os.path.join(root, "cases", case_id)):
+        total += sum(os.path.getsize(os.path.join(dirpath, f)) for f in files)
+    return total
+
+
+def commit_case(root: str, record: dict) -> None:
+    """Make a written case visible by appending its manifest record."""
+    for key in ("id", "patient_id", "cohort", "shape_zyx", "spacing_zyx", "affine_zyx"):
+        if key not in record:
+            raise ValueError(f"manifest record for {record.get('id')!r} lacks {key!r}")
+    _append_line(root, _MANIFEST, record)
+
+
+def record_failure(root: str, failure: dict) -> None:
+    """Append one failed case (`id`, `error`, `file`...) to STORE/failures.jsonl."""
+    _append_line(root, _FAILURES, failure)
+
+
+def read_manifest(root: str) -> list[dict]:
+    """Committed cases in first-commit order; a later line for an id replaces the earlier."""
+    by_id: dict[str, dict] = {}
+    for rec in _parse_jsonl(_read_text(root, _MANIFEST), _join(root, _MANIFEST)):
+        by_id[rec["id"]] = rec
+    return list(by_id.values())
+
+
+def read_failures(root: str) -> list[dict]:
+    return _parse_jsonl(_read_text(root, _FAILURES), _join(root, _FAILURES))
+
+
+def read_info(root: str) -> dict:
+    text = _read_text(root, _INFO)
+    if text is None:
+        raise PetctError(f"{root}: not a petct store (no {_INFO}); create one with `petct preprocess`")
+    return json.loads(text)
+
+
+# ---------------------------------------------------------------------------
+# Reading.
+
+class Store:
+    """Read access to a store: the manifest plus patch reads of its arrays.
+
+    Picklable (TensorStore handles are reopened lazily in each process), so it can be
+    a Grain data source's member in spawned worker processes.
+    """
+
+    def __init__(self, root: str, *, cache_bytes: int = 0, concurrency: int = 4):
+        self.root = str(root)
+        self.info = read_info(self.root)
+        self.records = read_manifest(self.root)
+        self.by_id = {r["id"]: r for r in self.records}
+        self._cache_bytes = cache_bytes
+        self._concurrency = concurrency
+        self._arrays: dict[tuple[str, str], ts.TensorStore] = {}
+        self._context: ts.Context | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_arrays"] = {}
+        state["_context"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r["id"] for r in self.records]
+
+    def record(self, case_id: str) -> dict:
+        try:
+            return self.by_id[case_id]
+        except KeyError:
+            raise PetctError(f"{self.root}: no case {case_id!r} in the manifest") from None
+
+    def array(self, case_id: str, name: str) -> ts.TensorStore:
+        key = (case_id, name)
+        if key not in self._arrays:
+            if self._context is None:
+                self._context = ts.Context({
+                    "cache_pool": {"total_bytes_limit": self._cache_bytes},
+                    "data_copy_concurrency": {"limit": self._concurrency},
+                })
+            if name not in self.record(case_id).get("arrays", ARRAY_DTYPES):
+                raise PetctError(f"{self.root}: case {case_id!r} has no {name!r} array")
+            self._arrays[key] = ts.open(_array_spec(self.root, case_id, name),
+                                        read=True, context=self._context).result()
+        return self._arrays[key]
+
+    def read(self, case_id: str, names: Iterable[str], lo: Sequence[int] | None = None,
+             hi: Sequence[int] | None = None, fill: float = 0) -> dict[str, np.ndarray]:
+        """Read the box [lo, hi) of several arrays of a case, concurrently.
+
+        The box may reach outside the volume; voxels outside are `fill` (in the
+        array's stored dtype). Only the chunks inside the box are read.
+        """
+        shape = self.record(case_id)["shape_zyx"]
+        lo = [0, 0, 0] if lo is None else [int(v) for v in lo]
+        hi = list(shape) if hi is None else [int(v) for v in hi]
+        in_lo = [max(a, 0) for a in lo]
+        in_hi = [min(b, s) for b, s in zip(hi, shape)]
+        futures = {}
+        for name in names:
+            if all(a < b for a, b in zip(in_lo, in_hi)):
+                arr = self.array(case_id, name)
+                futures[name] = arr[tuple(slice(a, b) for a, b in zip(in_lo, in_hi))].read()
+            else:
+                futures[name] = None
+        out = {}
+        dst = tuple(slice(a - l, b - l) for a, b, l in zip(in_lo, in_hi, lo))
+        for name, fut in futures.items():
+            box = np.full([b - a for a, b in zip(lo, hi)], fill, dtype=ARRAY_DTYPES[name])
+            if fut is not None:
+                box[dst] = fut.result()
+            out[name] = box
+        return out

@@ -1,0 +1,108 @@
+"""Orbax checkpoints of a training run: model + optimizer state, step, RNG, the Grain
+iterator's position and the resolved config, saved together (maxtext's habit).
+
+Saves are asynchronous and atomic: Orbax writes into a temporary directory and
+renames it when complete, so a run killed with `kill -9` mid-save leaves the previous
+checkpoint intact and the next run resumes from it. Kept: the latest `keep` steps plus
+the `keep_best` steps with the lowest validation metric.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
+
+
+class _IteratorSnapshot:
+    """The iterator's state taken at save time.
+
+    Grain's handler calls `get_state()` when Orbax writes, which with async saves
+    is on a background thread while the loop has already moved the iterator on;
+    a snapshot pins the state to the saved step. Handed over as JSON bytes, the
+    form Grain's handler writes as is (one file per process).
+    """
+
+    def __init__(self, iterator: Any):
+        self._state = json.dumps(iterator.get_state()).encode()
+
+    def get_state(self) -> bytes:
+        return self._state
+
+
+class _IteratorRestorer:
+    """Feeds the JSON that Grain's handler reads back into the live iterator."""
+
+    def __init__(self, iterator: Any):
+        self.iterator = iterator
+
+    def set_state(self, state: bytes) -> None:
+        self.iterator.set_state(json.loads(state.decode()))
+
+    def start_prefetch(self) -> None:
+        if hasattr(self.iterator, "start_prefetch"):
+            self.iterator.start_prefetch()
+
+
+class RunCheckpointer:
+    def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
+                 best_metric: str = "val_loss", async_save: bool = True):
+        self.best_metric = best_metric
+        policy = cm.preservation_policy.AnyPreservationPolicy([
+            cm.preservation_policy.LatestN(n=keep),
+            # BestN keeps the n at the end of the sorted order: reverse=True puts the lowest losses there.
+            cm.preservation_policy.BestN(get_metric_fn=lambda m: m[best_metric], reverse=True,
+                                         n=keep_best, keep_checkpoints_without_metrics=False),
+        ])
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=policy, best_fn=lambda m: m[best_metric], best_mode="min",
+            enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(
+            directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, *, data_iter: Any = None, config: dict | None = None,
+             metrics: dict | None = None, force: bool = False) -> bool:
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(config)
+        return self.manager.save(step, args=ocp.args.Composite(**items),
+                                 metrics=metrics, force=force)
+
+    def restore(self, step: int, abstract_state: Any, *, data_iter: Any = None) -> Any:
+        """Restore the train state onto the shardings in `abstract_state` (any device count)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iter))
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def restore_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying target shardings: what Orbax restores into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

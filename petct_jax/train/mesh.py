@@ -1,0 +1,108 @@
+"""Device mesh and parameter sharding from config.
+
+The mesh has two axes: `data` (pure data parallelism) and `fsdp` (data parallelism
+whose parameters and optimizer state are also split across the axis, FSDP/ZeRO-3
+style). A batch is split over both axes. Parameters follow path-based rules: the
+first rule whose regular expression matches a parameter's path ('/'-joined, e.g.
+`backbone/encoder/stages/3/convs/0/conv/kernel`) gives its PartitionSpec; parameters
+no rule names are split over `fsdp` along their largest divisible dimension when
+they hold at least `min_fsdp_size` elements, and replicated otherwise. Because the
+rules name paths, the same trainer code serves every layout.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from petct_jax.errors import PetctError
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp) mesh over all devices; -1 on one axis takes the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if data == -1 and fsdp == -1:
+        raise PetctError("mesh: at most one of mesh.data and mesh.fsdp may be -1")
+    if data == -1:
+        data = n // fsdp
+    if fsdp == -1:
+        fsdp = n // data
+    if data * fsdp != n:
+        raise PetctError(f"mesh: mesh.data={data} x mesh.fsdp={fsdp} != {n} devices")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=auto, devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def _spec_from_text(text: str | Sequence) -> P:
+    if isinstance(text, P):
+        return text
+    if isinstance(text, str):
+        items = [t.strip() for t in text.split(",")] if text.strip() else []
+    else:
+        items = list(text)
+    return P(*[None if t in (None, "", "None", "none") else t for t in items])
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh,
+               rules: Sequence[tuple[str, Any]] = (), min_fsdp_size: int = 2 ** 18) -> P:
+    for pattern, spec in rules:
+        if re.search(pattern, path):
+            return _spec_from_text(spec)
+    fsdp = mesh.shape["fsdp"]
+    if fsdp == 1 or int(np.prod(shape)) < min_fsdp_size:
+        return P()
+    # Largest dimension that splits evenly: spreads memory best.
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % fsdp == 0:
+            spec = [None] * len(shape)
+            spec[dim] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = (),
+                   min_fsdp_size: int = 2 ** 18) -> Any:
+    """NamedShardings for a pytree of arrays (params, or optimizer state that mirrors them).
+
+    Optimizer moments carry the parameter path inside their own path (e.g.
+    `1/0/mu/backbone/...`), so the same rules place them with their parameters.
+    """
+    def one(path, leaf):
+        shape = getattr(leaf, "shape", ())
+        if len(shape) == 0:
+            return replicated(mesh)
+        return NamedSharding(mesh, param_spec(_path_str(path), shape, mesh, rules, min_fsdp_size))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def describe(tree: Any, shardings: Any) -> list[tuple[str, tuple, str]]:
+    """(path, shape, spec) per leaf, for the dry-run printout."""
+    rows = []
+    flat_t = jax.tree_util.tree_flatten_with_path(tree)[0]
+    flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sh in zip(flat_t, flat_s):
+        rows.append((_path_str(path), tuple(getattr(leaf, "shape", ())), str(sh.spec)))
+    return rows
