@@ -22,13 +22,16 @@ than thousands, and a random 96x128x128 patch reads only the chunks it touches.
 A case becomes visible only when its manifest line is written, after its arrays are
 complete; a case whose arrays exist without a manifest line is an interrupted write
 and is rewritten by the next run. Later manifest lines for the same id (from
-`--overwrite`) replace earlier ones.
+`--overwrite`) replace earlier ones. On a local store a case's arrays are written into
+`cases/.<id>.partial/` and renamed into place. The fields of a manifest record are
+documented in preprocessing/harmonize.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from typing import Any, Iterable, Sequence
 
@@ -99,12 +102,31 @@ def _append_line(root: str, name: str, obj: dict) -> None:
     line = json.dumps(obj, sort_keys=True) + "\n"
     with _append_lock:
         if not is_url(root):
-            with open(os.path.join(root, name), "a", encoding="utf-8") as f:
-                f.write(line)
+            with open(os.path.join(root, name), "a+b") as f:
+                _drop_torn_tail(f)
+                f.write(line.encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
             return
-        _write_text(root, name, (_read_text(root, name) or "") + line)
+        text = _read_text(root, name) or ""
+        _write_text(root, name, text[: text.rfind("\n") + 1] + line)
+
+
+def _drop_torn_tail(f) -> None:
+    """Cut an unterminated last line (a torn append) so the next line starts clean.
+
+    Without this, a line appended after a torn one would be glued onto it and both
+    would read as corruption.
+    """
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+        return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+        return
+    f.seek(0)
+    data = f.read()
+    f.truncate(data.rfind(b"\n") + 1)
 
 
 def _parse_jsonl(text: str | None, source: str) -> list[dict]:
@@ -199,14 +221,34 @@ def write_case(root: str, case_id: str, arrays: dict[str, np.ndarray],
                chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX) -> int:
     """Write all arrays of a case (concurrently) and return the bytes they occupy on disk.
 
-    The case is not visible until `commit_case` appends its manifest record.
+    The case is not visible until `commit_case` appends its manifest record. On a local
+    store the arrays are written into `cases/.<id>.partial/` and renamed into place, so
+    rewriting a committed case (`--overwrite`) never leaves it half old, half new.
+    Object stores (no rename) are written in place.
     """
+    if is_url(root):
+        _write_arrays(root, case_id, arrays, chunk_zyx)
+        return case_bytes(root, case_id)
+    cases = os.path.join(root, "cases")
+    final = os.path.join(cases, case_id)
+    staged, old = f".{case_id}.partial", f".{case_id}.old"
+    shutil.rmtree(os.path.join(cases, staged), ignore_errors=True)  # left by a killed run
+    _write_arrays(root, staged, arrays, chunk_zyx)
+    shutil.rmtree(os.path.join(cases, old), ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, os.path.join(cases, old))
+    os.rename(os.path.join(cases, staged), final)
+    shutil.rmtree(os.path.join(cases, old), ignore_errors=True)
+    return case_bytes(root, case_id)
+
+
+def _write_arrays(root: str, case_id: str, arrays: dict[str, np.ndarray],
+                  chunk_zyx: Sequence[int]) -> None:
     context = ts.Context()
     futures = [write_array(root, case_id, name, data, chunk_zyx, context=context)
                for name, data in arrays.items()]
     for f in futures:
         f.result()
-    return case_bytes(root, case_id)
 
 
 def case_bytes(root: str, case_id: str) -> int:

@@ -1,0 +1,213 @@
+"""`petct preprocess`: harmonize raw PET/CT cohorts into a TensorStore zarr3 store.
+
+    petct preprocess --input RAW --out STORE [--layout auto|autopet|nnunet|csv]
+                     [--spacing 3,2,2] [--workers N] [--cohort NAME] [--overwrite]
+                     [--patient-regex REGEX] [--id-prefix TEXT]
+
+Cases run in parallel in worker processes started by 'spawn' (TensorStore is not
+fork-safe). A worker reads, harmonizes (preprocessing/harmonize.py) and writes the
+arrays of one case; the parent alone appends manifest and failure lines, so a case
+becomes visible only once completely written. Several cohorts can be appended to one
+store (the cohort name defaults to the input folder's name); re-running skips cases
+already committed (`--overwrite` redoes them) and retries failed ones. A case that
+cannot be harmonized is reported on one line naming the case and the file, recorded in
+STORE/failures.jsonl, and the rest of the cohort goes on; the exit status is 1 when any
+case failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+from typing import Sequence
+
+from tqdm import tqdm
+
+from petct_jax import store
+from petct_jax.errors import PetctError
+from preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
+from preprocessing.readers import LAYOUTS, CaseSpec, list_cases
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", required=True,
+                        help="raw cohort: AutoPET folder, nnU-Net raw folder, or a CSV case list")
+    parser.add_argument("--out", required=True, help="store to create or append to (path or URL)")
+    parser.add_argument("--layout", default="auto", choices=("auto", *LAYOUTS),
+                        help="input layout (default: detected)")
+    parser.add_argument("--spacing", default=",".join(f"{s:g}" for s in DEFAULT_SPACING_ZYX),
+                        help="target voxel size z,y,x in mm (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="parallel processes (default: CPU count, at most 8; each needs "
+                             "about 1 GB for a whole-body scan with a 512x512 CT)")
+    parser.add_argument("--cohort", default=None,
+                        help="cohort name recorded per case (default: the input folder's name)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo cases already in the store (default: skip them)")
+    parser.add_argument("--patient-regex", default=None,
+                        help="nnU-Net layout: regex on the case name whose group 'patient' (or "
+                             "group 1) is the patient id (default: drop a trailing _<digits>)")
+    parser.add_argument("--id-prefix", default="",
+                        help="prefix for case ids (to merge cohorts whose case names collide)")
+
+
+def parse_spacing(text: str) -> tuple[float, float, float]:
+    try:
+        values = [float(v) for v in str(text).split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(v > 0 for v in values):
+        raise PetctError(f"--spacing {text!r}: expected three positive numbers z,y,x in mm")
+    return tuple(values)
+
+
+@dataclasses.dataclass
+class Summary:
+    committed: list[str]
+    skipped: list[str]
+    failures: list[dict]
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures and not self.interrupted
+
+
+def process_case(spec: CaseSpec, root: str, spacing_zyx: Sequence[float],
+                 chunk_zyx: Sequence[int]) -> tuple[str, dict]:
+    """Harmonize and write one case (runs in a worker): ("ok", record) or ("failed", failure).
+
+    Failures come back as plain dicts: an exception would have to survive pickling.
+    """
+    start = time.perf_counter()
+    try:
+        arrays, record = harmonize(spec, spacing_zyx)
+        record["bytes"] = store.write_case(root, spec.id, arrays, chunk_zyx)
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        return "ok", record
+    except CaseError as e:
+        return "failed", _failure(spec, e.problem, e.file)
+    except PetctError as e:
+        return "failed", _failure(spec, str(e), spec.pet)
+    except Exception as e:  # a bug or resource problem must not stop the cohort
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        return "failed", _failure(spec, f"internal error {type(e).__name__}: {e} "
+                                        f"(at {os.path.basename(where.filename)}:{where.lineno})",
+                                  spec.pet)
+
+
+def _failure(spec: CaseSpec, problem: str, file: str | None) -> dict:
+    return {"id": spec.id, "cohort": spec.cohort, "error": problem, "file": file,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def failure_line(f: dict) -> str:
+    return f"{f['id']}: {f['error']}" + (f": {f['file']}" if f.get("file") else "")
+
+
+def preprocess(input_path: str, root: str, *, layout: str = "auto",
+               spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX, workers: int | None = None,
+               cohort: str | None = None, overwrite: bool = False,
+               patient_regex: str | None = None, id_prefix: str = "",
+               progress: bool = True) -> Summary:
+    """Harmonize every case of one raw cohort into the store at `root`."""
+    specs = list_cases(input_path, layout, cohort, patient_regex, id_prefix)
+    info = store.create(root, spacing_zyx=spacing_zyx)
+    committed_before = {r["id"]: r for r in store.read_manifest(root)}
+
+    summary = Summary(committed=[], skipped=[], failures=[])
+    todo: list[CaseSpec] = []
+    for spec in specs:
+        prior = committed_before.get(spec.id)
+        if spec.error is None and prior is not None and not overwrite:
+            if prior.get("cohort") == spec.cohort:
+                summary.skipped.append(spec.id)
+                continue
+            spec = dataclasses.replace(
+                spec, error=f"duplicate case id: already in the store from cohort "
+                            f"{prior.get('cohort')!r} (use --id-prefix)", error_file=spec.pet)
+        if spec.error is not None:
+            _record(root, summary, _failure(spec, spec.error, spec.error_file), None)
+            continue
+        todo.append(spec)
+
+    bar = tqdm(total=len(todo), unit="scan", desc=specs[0].cohort, disable=not progress,
+               file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s
+    args = (root, tuple(spacing_zyx), tuple(info["chunk_zyx"]))
+    workers = max(1, min(workers or min(os.cpu_count() or 1, 8), len(todo) or 1))
+    try:
+        if workers == 1:
+            for spec in todo:
+                _finish(root, summary, *process_case(spec, *args), bar)
+        else:
+            _run_pool(todo, args, workers, root, summary, bar)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+        bar.write("petct preprocess: interrupted; committed cases are kept, re-run to continue")
+    finally:
+        bar.close()
+    return summary
+
+
+def _run_pool(todo: list[CaseSpec], args: tuple, workers: int, root: str, summary: Summary,
+              bar: tqdm) -> None:
+    pool = cf.ProcessPoolExecutor(max_workers=workers,
+                                  mp_context=multiprocessing.get_context("spawn"))
+    try:
+        futures = {pool.submit(process_case, spec, *args): spec for spec in todo}
+        for future in cf.as_completed(futures):
+            try:
+                status, result = future.result()
+            except cf.process.BrokenProcessPool:
+                summary.interrupted = True
+                bar.write("petct preprocess: a worker process died (killed, or out of memory?); "
+                          "committed cases are kept; re-run, perhaps with fewer --workers")
+                break
+            _finish(root, summary, status, result, bar)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _finish(root: str, summary: Summary, status: str, result: dict, bar: tqdm) -> None:
+    if status == "ok":
+        store.commit_case(root, result)  # the commit point: the case is now visible
+        summary.committed.append(result["id"])
+    else:
+        _record(root, summary, result, bar)
+    bar.update(1)
+    bar.set_postfix(failed=len(summary.failures), refresh=False)
+
+
+def _record(root: str, summary: Summary, failure: dict, bar: tqdm | None) -> None:
+    store.record_failure(root, failure)
+    summary.failures.append(failure)
+    message = "FAILED " + failure_line(failure)
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = preprocess(
+        args.input, args.out, layout=args.layout, spacing_zyx=parse_spacing(args.spacing),
+        workers=args.workers, cohort=args.cohort, overwrite=args.overwrite,
+        patient_regex=args.patient_regex, id_prefix=args.id_prefix)
+    print(f"petct preprocess: {len(summary.committed)} committed, {len(summary.skipped)} already "
+          f"in the store, {len(summary.failures)} failed -> {args.out}")
+    if summary.failures:
+        print(f"failures (also in {args.out}/failures.jsonl):")
+        for f in summary.failures:
+            print(f"  {failure_line(f)}")
+    if summary.interrupted:
+        return 130
+    return 1 if summary.failures else 0
