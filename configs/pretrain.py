@@ -19,12 +19,12 @@ import ml_collections
 
 BACKBONES = {
     # name: (model.name, model.preset, lr)
-    "plain_unet": ("plain_unet", "default", 5e-4),
+    "plain_unet": ("plain_unet", "paper", 5e-4),
     "resenc_l": ("resenc_unet", "L", 5e-4),
     "swin_small": ("swin_unetr", "small", 1e-4),
     "swin_base": ("swin_unetr", "base", 1e-4),
     "swin_large": ("swin_unetr", "large", 1e-4),
-    "tiny": ("plain_unet", "tiny", 2e-3),
+    "tiny": ("plain_unet", "paper", 2e-3),
 }
 MODALITIES = {"joint": ("pet", "ct"), "pet": ("pet",), "ct": ("ct",)}
 
@@ -65,6 +65,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay f32
     c.model.remat = ""  # "", "stage" or "stage_dots"
     c.model.overrides = ml_collections.ConfigDict()  # constructor arguments of the backbone
+    if tiny:  # 4 stages, widths 8..64: about 0.3M parameters
+        c.model.overrides.n_stages = 4
+        c.model.overrides.features_per_stage = (8, 16, 32, 64)
+        c.model.overrides.strides = (1, 2, 2, 2)
 
     c.mae = ml_collections.ConfigDict()
     c.mae.imputation = "token" if "token" in tokens else "zero"

@@ -23,7 +23,7 @@ class Toy(nnx.Module):
         return self.conv(x)
 
 
-def loss_fn(model, batch, key):
+def loss_fn(model, batch, key, train):
     pred = model(batch["image"])
     noise = 0.0 * jax.random.normal(key, ())  # keys reach the loss
     return jnp.mean((pred - batch["target"]) ** 2) + noise, {"mean_pred": jnp.mean(pred)}

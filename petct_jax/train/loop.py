@@ -13,15 +13,15 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from petct_jax.data.pipeline import global_batch
 from petct_jax.errors import PetctError
 from petct_jax.train import checkpoint as ckpt_lib
 from petct_jax.train import mesh as mesh_lib
@@ -35,7 +35,8 @@ class Task:
     """What a task supplies to the loop.
 
     model: the NNX module to train (freshly initialised, or with loaded weights).
-    loss_fn: `(model, batch, key) -> (loss, aux)`; the same function scores validation.
+    loss_fn: `(model, batch, key, train) -> (loss, aux)`; with train=False it scores
+        validation batches.
     train_iter: a checkpointable Grain iterator of per-host numpy batches.
     val_batches: fixed per-host validation batches (the same every evaluation).
     voxels_per_batch: patch voxels in one global batch, for throughput.
@@ -127,8 +128,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         donate_argnums=0)
     eval_step = jax.jit(step_lib.make_eval_step(graphdef, rest, task.loss_fn),
                         in_shardings=(shardings["params"], data_sharding, None))
-    to_global = lambda batch: jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(data_sharding, np.asarray(x)), batch)
+    to_global = lambda batch: global_batch(batch, mesh)
 
     def evaluate(step: int) -> dict:
         totals: dict[str, float] = {}

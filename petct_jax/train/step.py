@@ -3,7 +3,8 @@
 The train state is a plain pytree, `{"step", "params", "opt_state", "rng"}`, with
 parameters as a pure dict (what `nnx.state(model, nnx.Param).to_pure_dict()` gives),
 so Orbax saves it and any device layout restores it. A task supplies
-`loss_fn(model, batch, key) -> (loss, aux_metrics)`; the step rebuilds the NNX
+`loss_fn(model, batch, key, train) -> (loss, aux_metrics)` (`train=False` when scoring
+validation batches: no dropout or drop-path); the step rebuilds the NNX
 model from the parameters with `nnx.merge`, which is cheaper under `jax.jit` than
 `nnx.jit` and keeps the step a pure function.
 
@@ -22,7 +23,7 @@ from flax import nnx
 
 from petct_jax.train import mesh as mesh_lib
 
-LossFn = Callable[[nnx.Module, dict, jax.Array], tuple[jax.Array, dict]]
+LossFn = Callable[[nnx.Module, dict, jax.Array, bool], tuple[jax.Array, dict]]
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
@@ -75,7 +76,7 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: LossFn,
 
     def grads_of(params, batch, key):
         def f(p):
-            return loss_fn(merge_model(graphdef, p, rest, key), batch, key)
+            return loss_fn(merge_model(graphdef, p, rest, key), batch, key, True)
         (loss, aux), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, aux, grads
 
@@ -118,6 +119,6 @@ def make_eval_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: LossFn) -> 
     """`eval_step(params, batch, key) -> (loss, aux)`; deterministic for a given key."""
 
     def eval_step(params, batch, key):
-        return loss_fn(merge_model(graphdef, params, rest), batch, key)
+        return loss_fn(merge_model(graphdef, params, rest), batch, key, False)
 
     return eval_step
