@@ -1,0 +1,1 @@
+"""Downstream lesion segmentation: sliding-window inference, AutoPET metrics, evaluation."""
