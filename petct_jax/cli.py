@@ -16,6 +16,13 @@ from petct_jax.errors import PetctError
 
 # name -> (module, one-line help). Only subcommands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "phantoms": ("preprocessing.phantoms", "Generate a digital whole-body FDG PET/CT cohort (AutoPET or nnU-Net layout)."),
+    "preprocess": ("preprocessing.preprocess", "Harmonize raw PET/CT cohorts into a TensorStore zarr3 store."),
+    "export": ("preprocessing.export", "Write a harmonized case back to NIfTI (pet, ct, seg) with correct affines."),
+    "store-info": ("preprocessing.store_info", "Summarize a store: cases, cohorts, labels, lesions, bytes."),
+    "pretrain": ("petct_jax.mae.pretrain", "MAE-pretrain a UNet backbone on a store (--config configs/pretrain.py:VARIANT)."),
+    "convert": ("petct_jax.convert.cli", "Convert weights between PyTorch (nnU-Net, MONAI) and petct-jax."),
+    "evaluate": ("petct_jax.downstream.evaluate", "Score predicted lesion masks against ground truth: Dice, FPV, FNV, HD95, detection."),
 }
 
 
