@@ -29,7 +29,9 @@ from petct_jax.train.backbone import build_backbone  # noqa: E402
 
 def main(repo: str) -> None:
     config = resolve(os.path.join(repo, "configs/pretrain.py:tiny"),
-                     ["data.patch=(16,16,16)", "mae.block=(4,4,4)", "optim.warmup_steps=1"])
+                     ["data.patch=(16,16,16)", "mae.block=(4,4,4)", "optim.warmup_steps=1",
+                      "model.overrides.n_stages=3", "model.overrides.features_per_stage=(4,8,16)",
+                      "model.overrides.strides=(1,2,2)"])
     model = MaskedAutoencoder(build_backbone(config.model, 2, 2, nnx.Rngs(0)), 2)
     tx, schedule = optim.make_optimizer(config.optim, 10)
     graphdef, params, rest = step_lib.split_model(model)

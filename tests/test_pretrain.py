@@ -23,7 +23,8 @@ from petct_jax.train import step as step_lib
 from conftest import REPO
 
 TINY = ["data.patch=(16,16,16)", "mae.block=(4,4,4)", "batch_size=2", "eval_batches=1",
-        "data.zoom_prob=0.0"]
+        "data.zoom_prob=0.0", "model.overrides.n_stages=3", "model.overrides.features_per_stage=(4,8,16)",
+        "model.overrides.strides=(1,2,2)"]
 
 
 def tiny_config(store, *extra):
