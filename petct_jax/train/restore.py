@@ -1,0 +1,69 @@
+"""Trained weights out of a run's workdir, for fine-tuning, prediction and conversion.
+
+Reads the resolved config (`W/config.json`) and the parameters of one checkpoint (the
+best by validation loss by default, else the latest) onto the host, without the
+optimizer state or the data iterator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from petct_jax.errors import PetctError
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise PetctError(f"{workdir}: not a petct run directory (no config.json)")
+    with open(path, encoding="utf-8") as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_step(workdir: str, which: str | int = "best") -> int:
+    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    steps = list(manager.all_steps())
+    if not steps:
+        raise PetctError(f"{workdir}: no finished checkpoint")
+    if which == "latest":
+        return max(steps)
+    if which == "best":
+        metrics = {s: manager.metrics(s) for s in steps}
+        scored = [(m["val_loss"], s) for s, m in metrics.items() if m and "val_loss" in m]
+        return min(scored)[1] if scored else max(steps)
+    step = int(which)
+    if step not in steps:
+        raise PetctError(f"{workdir}: no checkpoint at step {step}; have {sorted(steps)}")
+    return step
+
+
+def load_params(workdir: str, which: str | int = "best", target: dict | None = None
+                ) -> tuple[ml_collections.ConfigDict, dict, int]:
+    """(run config, parameters as a pure dict of numpy arrays, step).
+
+    `target` is the parameter pure dict of the model the weights are for
+    (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`, arrays or ShapeDtypeStructs): the
+    result then has exactly its keys (NNX lists use integer keys, which the checkpoint's
+    own metadata spells as strings). Without it, the checkpoint's tree is returned.
+    """
+    config = read_run_config(workdir)
+    step = checkpoint_step(workdir, which)
+    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    if target is None:
+        meta = ocp.StandardCheckpointer().metadata(path)
+        target = (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["params"]
+    # Restore as plain host arrays whatever mesh wrote them.
+    target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(
+            item={"params": target},
+            restore_args={"params": jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)},
+            partial_restore=True))
+    return config, restored["params"], step
