@@ -5,6 +5,10 @@
 Validation: a held-out set of patients (`data.val_fraction`), scored with fixed masks,
 picks the best checkpoint; a split file in `data.exclude` keeps its test cases out of
 pretraining altogether. Re-running the same command resumes from the last checkpoint.
+`--dry-run` prints the mesh, the per-host batch, the sharding of every parameter group and
+a memory estimate per device, without a store and without training (petct_jax/train/plan.py).
+Several processes (SLURM, Cloud TPU, PETCT_* variables) join through
+`petct_jax.train.distributed.initialize()` before JAX looks for devices.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from petct_jax.mae.masking import block_mask
 from petct_jax.mae.model import MaskedAutoencoder
 from petct_jax.mae.preview import save_reconstruction_preview
 from petct_jax.store import Store
-from petct_jax.train import loop
+from petct_jax.train import distributed, loop
 from petct_jax.train.backbone import build_backbone
 
 
@@ -33,10 +37,22 @@ def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True,
                         help="configs/pretrain.py[:VARIANT]; then any --config.KEY=VALUE")
     parser.add_argument("--workdir", required=True, help="run directory (local path or URL)")
+    parser.add_argument("--dry-run", nargs="?", const="compile", choices=("compile", "shapes"),
+                        help="print the mesh, batch, parameter shardings and memory per device, "
+                             "then exit without training (=shapes: skip compiling the step)")
 
 
 def run(args) -> int:
+    distributed.initialize()  # before anything asks JAX for devices
     config = config_lib.resolve(args.config, args.config_overrides)
+    if args.dry_run:
+        from petct_jax.train import plan as plan_lib
+        plan = plan_lib.train_plan(config, lambda: build_model(config, nnx.Rngs(config.seed)),
+                                   mae_loss_fn(config.mae), batch_spec(config),
+                                   compile=args.dry_run == "compile")
+        if jax.process_index() == 0:
+            print(plan_lib.format_plan(plan))
+        return 1 if plan["problems"] else 0
     summary = pretrain(config, args.workdir)
     val = summary["final_val"] or {}
     print(f"pretrain: {summary['steps']} steps in {summary['seconds']:.0f} s; "
@@ -85,14 +101,24 @@ def make_preview(config: ml_collections.ConfigDict):
     return preview
 
 
+def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> MaskedAutoencoder:
+    channels = len(config.data.channels)
+    backbone = build_backbone(config.model, channels, channels, rngs)
+    return MaskedAutoencoder(backbone, channels, config.mae.imputation)
+
+
+def batch_spec(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch's shapes, known from the config alone (the dry run needs no store)."""
+    shape = (config.batch_size, *config.data.patch, len(config.data.channels))
+    return {"image": jax.ShapeDtypeStruct(shape, np.float32)}
+
+
 def make_task(config: ml_collections.ConfigDict) -> loop.Task:
     if not config.store:
         raise PetctError("--config.store is not set: point it at a store made by `petct preprocess`")
     store = Store(config.store)
     train_ids, val_ids = pretraining_split(store, config)
-    channels = len(config.data.channels)
-    backbone = build_backbone(config.model, channels, channels, nnx.Rngs(config.seed))
-    model = MaskedAutoencoder(backbone, channels, config.mae.imputation)
+    model = build_model(config, nnx.Rngs(config.seed))
     train_iter = make_patch_iterator(store, train_ids, config.data, seed=config.seed,
                                      batch_size=config.batch_size,
                                      num_workers=config.data.num_workers, task="mae")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+from etils import epath
 
 
 def save_reconstruction_preview(path: str, image: np.ndarray, mask: np.ndarray,
@@ -44,6 +45,10 @@ def save_reconstruction_preview(path: str, image: np.ndarray, mask: np.ndarray,
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=80)
+    # Through epath, so previews land in gs:// workdirs too.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(buffer.getvalue())

@@ -9,12 +9,15 @@ the `keep_best` steps with the lowest validation metric.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as cm
 
 
@@ -48,6 +51,43 @@ class _IteratorRestorer:
             self.iterator.start_prefetch()
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's handler (one `process_<i>-of-<n>.json` per process), which also resumes
+    on another number of processes: Grain's own only reads the file of the current
+    process count. The PatchIterator's state is the global batch counter, the same in
+    every process's file (petct_jax/data/pipeline.py), so any saved file restores every
+    process; its fingerprint (seed, global batch size, scans) is still checked."""
+
+    def restore(self, directory: epath.Path, item: Any = None, args: Any = None) -> Any:
+        item = item or args.item
+        directory = epath.Path(directory)
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item)
+        saved = sorted(directory.glob("process_*-of-*.json"))
+        if not saved:
+            raise ValueError(f"{directory}: no data iterator state saved")
+        logging.getLogger(__name__).warning(
+            "data iterator state saved by another number of processes: restoring %s in "
+            "process %d of %d", saved[0].name, jax.process_index(), jax.process_count())
+        state = saved[0].read_text()
+        item.set_state(json.loads(state) if isinstance(item, grain.DatasetIterator) else state.encode())
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class RunCheckpointer:
     def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
                  best_metric: str = "val_loss", async_save: bool = True):
@@ -64,7 +104,7 @@ class RunCheckpointer:
         self.manager = ocp.CheckpointManager(
             directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
+                           "data": _DataHandler(),
                            "config": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
@@ -80,7 +120,7 @@ class RunCheckpointer:
              metrics: dict | None = None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iter))
+            items["data"] = _DataSave(_IteratorSnapshot(data_iter))
         if config is not None:
             items["config"] = ocp.args.JsonSave(config)
         return self.manager.save(step, args=ocp.args.Composite(**items),
@@ -90,7 +130,7 @@ class RunCheckpointer:
         """Restore the train state onto the shardings in `abstract_state` (any device count)."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iter is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(_IteratorRestorer(data_iter))
+            items["data"] = _DataRestore(_IteratorRestorer(data_iter))
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def restore_config(self, step: int) -> dict:

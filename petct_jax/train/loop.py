@@ -18,7 +18,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from petct_jax.data.pipeline import global_batch
@@ -60,18 +62,22 @@ class NonFiniteLoss(PetctError):
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     """Write the resolved config; refuse to resume a workdir made with another task."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            old = json.load(f)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a URL (gs://...)
+    path = epath.Path(workdir) / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
         if old.get("task") != config.get("task"):
             raise PetctError(f"{workdir}: holds a {old.get('task')!r} run, not {config.get('task')!r}; "
                              "use another --workdir")
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-        os.replace(path + ".tmp", path)
+        metrics_lib.write_text_atomic(str(path), config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """W/checkpoints, absolute for a local workdir (Orbax wants that); URLs stay as given."""
+    if metrics_lib.is_url(workdir):
+        return workdir.rstrip("/") + "/checkpoints"
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def _trainable_mask(params: dict, trainable: Callable[[tuple], bool] | None):
@@ -108,7 +114,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     data_sharding = mesh_lib.batch_sharding(mesh)
 
     checkpointer = ckpt_lib.RunCheckpointer(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.ckpt.keep,
+        checkpoint_dir(workdir), keep=config.ckpt.keep,
         keep_best=config.ckpt.keep_best, async_save=config.ckpt.async_save)
     writer = metrics_lib.MetricsWriter(workdir)
     latest = checkpointer.latest_step()
@@ -142,11 +148,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
 
     def save(step: int, val: dict | None, force: bool = False) -> None:
         checkpointer.save(step, state, data_iter=task.train_iter, config=config.to_dict(),
-                          metrics=None if val is None else {"val_loss": val["loss"]}, force=force)
+                          metrics=None if not val else {"val_loss": val["loss"]}, force=force)
 
     def preview(step: int) -> None:
-        if task.preview is not None and task.val_batches and jax.process_index() == 0:
-            model = step_lib.merge_model(graphdef, jax.device_get(state["params"]), rest)
+        if task.preview is None or not task.val_batches:
+            return
+        params = state["params"]
+        if jax.process_count() > 1:
+            # Parameters split over hosts (FSDP) are not addressable from process 0 alone:
+            # gather them (a collective, so every process takes part), then process 0 draws.
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() == 0:
+            model = step_lib.merge_model(graphdef, jax.device_get(params), rest)
             task.preview(model, task.val_batches[0],
                          os.path.join(workdir, "previews", f"step_{step:07d}.png"))
 
@@ -198,7 +211,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
         "best_step": checkpointer.best_step(), "devices": jax.device_count(),
     }
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, default=float)
+        (epath.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     checkpointer.close()
     return summary

@@ -1,7 +1,10 @@
 """What a run tells a person: JSON lines, TensorBoard events, a progress bar, a summary.
 
 `W/metrics.jsonl` holds one object per line with at least `step` and the metrics;
-evaluation lines carry `split`. Only process 0 writes.
+evaluation lines carry `split`. Only process 0 writes. Files go through `etils.epath`,
+so a workdir may be a URL (gs://, s3://; needs gcsfs/s3fs, and google-cloud-storage/boto3
+for TensorBoard): object storage cannot append, so there the writer keeps the rows and
+rewrites metrics.jsonl at each write.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def _plain(value: Any) -> Any:
@@ -20,13 +24,33 @@ def _plain(value: Any) -> Any:
     return arr.item() if arr.ndim == 0 else arr.tolist()
 
 
+def is_url(path: str) -> bool:
+    return "://" in str(path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Replace a small file whole: local files through a rename; an object store's
+    single write is atomic already."""
+    if is_url(path):
+        epath.Path(path).write_text(text)
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, *, append: bool | None = None):
         self.enabled = jax.process_index() == 0
+        self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
+        # Appending needs a file system; on object storage (or append=False) rows are kept
+        # (loaded at the first write, after a resume has truncated the file) and rewritten.
+        self.append = not is_url(workdir) if append is None else append
+        self._rows: list[dict] | None = None
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             from tensorboardX import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -36,8 +60,14 @@ class MetricsWriter:
             row["split"] = split
         if not self.enabled:
             return row
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.append:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            if self._rows is None:
+                self._rows = read_metrics(self.workdir)
+            self._rows.append(row)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self._rows))
         prefix = f"{split}/" if split else "train/"
         for k, v in row.items():
             if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -50,11 +80,10 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 class Throughput:
@@ -79,7 +108,5 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
     rows = read_metrics(workdir)
     kept = [r for r in rows if r["step"] <= last_step]
     if len(kept) != len(rows) and jax.process_index() == 0:
-        path = os.path.join(workdir, "metrics.jsonl")
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(path + ".tmp", path)
+        write_text_atomic(os.path.join(workdir, "metrics.jsonl"),
+                          "".join(json.dumps(r) + "\n" for r in kept))
