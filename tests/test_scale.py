@@ -349,7 +349,7 @@ def test_a_two_process_run_resumes_in_one_process(two_process_training):
 # Workdirs on object storage
 
 def test_checkpoint_dir_keeps_urls():
-    from petct_jax.train.loop import checkpoint_dir
+    from petct_jax.train.checkpoint import checkpoint_dir
     assert checkpoint_dir("gs://bucket/runs/a/") == "gs://bucket/runs/a/checkpoints"
     assert checkpoint_dir("runs/a") == os.path.join(os.path.abspath("runs/a"), "checkpoints")
 

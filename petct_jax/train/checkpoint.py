@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import logging
 from typing import Any
 
@@ -141,6 +142,13 @@ class RunCheckpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """W/checkpoints, absolute for a local workdir (Orbax wants that); URLs stay as given."""
+    if "://" in str(workdir):
+        return str(workdir).rstrip("/") + "/checkpoints"
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

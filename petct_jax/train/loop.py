@@ -73,13 +73,6 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
         metrics_lib.write_text_atomic(str(path), config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def checkpoint_dir(workdir: str) -> str:
-    """W/checkpoints, absolute for a local workdir (Orbax wants that); URLs stay as given."""
-    if metrics_lib.is_url(workdir):
-        return workdir.rstrip("/") + "/checkpoints"
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 def _trainable_mask(params: dict, trainable: Callable[[tuple], bool] | None):
     if trainable is None:
         return None
@@ -114,7 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     data_sharding = mesh_lib.batch_sharding(mesh)
 
     checkpointer = ckpt_lib.RunCheckpointer(
-        checkpoint_dir(workdir), keep=config.ckpt.keep,
+        ckpt_lib.checkpoint_dir(workdir), keep=config.ckpt.keep,
         keep_best=config.ckpt.keep_best, async_save=config.ckpt.async_save)
     writer = metrics_lib.MetricsWriter(workdir)
     latest = checkpointer.latest_step()
@@ -136,7 +129,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
                         in_shardings=(shardings["params"], data_sharding, None))
     to_global = lambda batch: global_batch(batch, mesh)
 
-    def evaluate(step: int) -> dict:
+    def evaluate(step: int) -> dict | None:
+        if not task.val_batches:
+            return None
         totals: dict[str, float] = {}
         for i, batch in enumerate(task.val_batches):
             loss, aux = eval_step(state["params"], to_global(batch), jax.random.key(10_000 + i))

@@ -8,26 +8,26 @@ optimizer state or the data iterator.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from petct_jax.errors import PetctError
+from petct_jax.train.checkpoint import checkpoint_dir
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / "config.json"  # a local path or a URL
+    if not path.exists():
         raise PetctError(f"{workdir}: not a petct run directory (no config.json)")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
 def checkpoint_step(workdir: str, which: str | int = "best") -> int:
-    manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir),
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     steps = list(manager.all_steps())
     if not steps:
@@ -55,7 +55,7 @@ def load_params(workdir: str, which: str | int = "best", target: dict | None = N
     """
     config = read_run_config(workdir)
     step = checkpoint_step(workdir, which)
-    path = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+    path = f"{checkpoint_dir(workdir)}/{step}/state"
     if target is None:
         meta = ocp.StandardCheckpointer().metadata(path)
         target = (meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree)["params"]
