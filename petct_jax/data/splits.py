@@ -65,14 +65,17 @@ def check_no_leakage(splits: Mapping[str, Iterable[str]], records: Iterable[Mapp
 
 def label_fraction(records: Iterable[Mapping], fraction: float | None = None, *,
                    n_scans: int | None = None, seed: int = 0) -> list[str]:
-    """Scans of whole patients, `fraction` of the pool's scans (or `n_scans`)."""
+    """Scans of whole patients, `fraction` of the pool's scans (or `n_scans`).
+
+    A fraction rounds down (10% of 700 = 70, as in the paper) but never below one scan.
+    """
     records = list(records)
     if (fraction is None) == (n_scans is None):
         raise PetctError("label_fraction: give exactly one of fraction or n_scans")
     if fraction is not None:
         if not 0.0 < fraction <= 1.0:
             raise PetctError(f"label fraction {fraction}: must lie in (0, 1]")
-        n_scans = int(fraction * len(records) + 1e-9)
+        n_scans = max(int(fraction * len(records) + 1e-9), 1)
     if not 0 < n_scans <= len(records):
         raise PetctError(f"label_fraction: {n_scans} scans requested from a pool of {len(records)}")
     chosen: list[str] = []
