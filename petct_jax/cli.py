@@ -16,13 +16,18 @@ from petct_jax.errors import PetctError
 
 # name -> (module, one-line help). Only subcommands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("petct_jax.demo", "The whole pipeline on a synthetic cohort: phantoms, store, MAE, fine-tuning, probing, report."),
     "phantoms": ("preprocessing.phantoms", "Generate a digital whole-body FDG PET/CT cohort (AutoPET or nnU-Net layout)."),
     "preprocess": ("preprocessing.preprocess", "Harmonize raw PET/CT cohorts into a TensorStore zarr3 store."),
     "export": ("preprocessing.export", "Write a harmonized case back to NIfTI (pet, ct, seg) with correct affines."),
     "store-info": ("preprocessing.store_info", "Summarize a store: cases, cohorts, labels, lesions, bytes."),
     "pretrain": ("petct_jax.mae.pretrain", "MAE-pretrain a UNet backbone on a store (--config configs/pretrain.py:VARIANT)."),
     "convert": ("petct_jax.convert.cli", "Convert weights between PyTorch (nnU-Net, MONAI) and petct-jax."),
+    "predict": ("petct_jax.downstream.predict", "Segment lesions in new PET/CT scans with a fine-tuned model; writes NIfTI masks on the input PET grid."),
     "evaluate": ("petct_jax.downstream.evaluate", "Score predicted lesion masks against ground truth: Dice, FPV, FNV, HD95, detection."),
+    "finetune": ("petct_jax.downstream.finetune", "Fine-tune a backbone for lesion segmentation (from an MAE run, converted weights, or scratch)."),
+    "probe": ("petct_jax.downstream.probe", "k-shot linear probing of frozen pretrained features (joint or separated PET/CT)."),
+    "study": ("petct_jax.study", "The paper's experiment grid (MAE, fine-tuning at label fractions, probes, seeds): resumable cells, one report."),
 }
 
 

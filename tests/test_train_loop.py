@@ -129,3 +129,22 @@ def test_nonfinite_skip_keeps_parameters_finite(tmp_path):
     rows = metrics_lib.read_metrics(wd)
     assert any(r.get("skipped_nonfinite") for r in rows)
     assert np.isfinite(summary["final_val"]["loss"])
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    from petct_jax.train import optim, step as step_lib
+
+    cfg = config()
+    tx, schedule = optim.make_optimizer(cfg.optim, 10)
+    graphdef, params, rest = step_lib.split_model(Toy(nnx.Rngs(0)))
+    state = step_lib.init_state(params, tx, 0)
+    batch = {k: np.stack([_make_example(i)[k] for i in range(4)]) for k in ("image", "target")}
+    out = {}
+    for accum in (1, 2, 4):
+        step = jax.jit(step_lib.make_train_step(graphdef, rest, loss_fn, tx, schedule, accum_steps=accum))
+        new, m = step(jax.tree.map(jnp.array, state), batch)
+        out[accum] = (float(m["loss"]), float(m["grad_norm"]), jax.device_get(new["params"]))
+    for accum in (2, 4):
+        assert out[accum][0] == pytest.approx(out[1][0], rel=1e-5)
+        assert out[accum][1] == pytest.approx(out[1][1], rel=1e-4)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[accum][2], out[1][2])
