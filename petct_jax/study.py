@@ -566,15 +566,13 @@ def forward_tflop(token: str, patch: Sequence[int] = REF_PATCH) -> float:
     from flax import nnx
 
     from petct_jax.config import resolve
-    from petct_jax.models import conv_cpu
     from petct_jax.train.backbone import build_backbone
 
     cfg = resolve(os.path.join(configs_dir(), f"finetune.py:{token}"))
     model = nnx.eval_shape(lambda: build_backbone(cfg.model, 2, 2, nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((1, *patch, 2), jnp.float32)
-    with conv_cpu.use_impl("xla"):  # count the convolutions, not the CPU decomposition
-        lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x)
+    lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x)
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["flops"]) / 1e12
