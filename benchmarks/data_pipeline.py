@@ -6,7 +6,7 @@ volume, `SpatialPadd` with zeros and `RandSpatialCropd(96, 128, 128)`. We run th
 MONAI transforms when MONAI is installed (else an equivalent numpy version), inside the
 same Grain loop (shuffle, repeat, batch 2, 0/1/2 worker processes) as ours, so the only
 difference is the data path: ours reads the patch/zoom region from the store (pet
-float16, ct int16, zstd chunks), z-scores it and resamples only that region.
+float16, ct int16, Blosc LZ4HC chunks), z-scores it and resamples only that region.
 
 Default cohort (built once under /tmp, reused): 8 synthetic whole-body-sized scans,
 300 x 200 x 200 voxels at 3 x 2 x 2 mm (smooth random fields plus noise, so compression

@@ -7,7 +7,7 @@ same files (read once beforehand so both find them in the page cache):
 
 * ours: `preprocessing.preprocess.preprocess` (affine resampling in float32 with the
   diagonal fast path, body crop, exact statistics, lesion index, source hashes,
-  float16/int16/uint8 zarr3 shards with zstd), `--workers` processes;
+  float16/int16/uint8 zarr3 shards, Blosc LZ4HC), `--workers` processes;
 * reference: a faithful re-implementation of the authors' approach: per scan, one
   after the other, load SUV, CTres and SEG with nibabel `get_fdata()` (float64),
   `scipy.ndimage.zoom` the whole arrays to 3 x 2 x 2 mm (order 1; the label order 0),

@@ -16,8 +16,11 @@ canonical RAS+ orientation). `record["affine_zyx"]` maps (z, y, x, 1) voxel indi
 to RAS+ world millimetres.
 
 Each array is one zarr3 shard (the `sharding_indexed` codec) holding chunks of
-`chunk_zyx` voxels compressed with zstd: a cohort is a few files per scan rather
-than thousands, and a random 96x128x128 patch reads only the chunks it touches.
+`chunk_zyx` voxels, byte-shuffled and compressed with Blosc LZ4HC: a cohort is a few
+files per scan rather than thousands, and a random 96x128x128 patch reads only the
+chunks it touches. LZ4HC rather than zstd because reading is what the pipeline does
+all day: on float16/int16 scans it decodes ~1.8x cheaper in CPU than zstd level 3 at a
+similar size (benchmarks/RESULTS.md, data_pipeline).
 
 A case becomes visible only when its manifest line is written, after its arrays are
 complete; a case whose arrays exist without a manifest line is an interrupted write
@@ -205,7 +208,9 @@ def write_array(root: str, case_id: str, name: str, data: np.ndarray,
                 "configuration": {
                     "chunk_shape": chunk,
                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                               {"name": "zstd", "configuration": {"level": 3}}],
+                               {"name": "blosc", "configuration": {
+                                   "cname": "lz4hc", "clevel": 5, "shuffle": "shuffle",
+                                   "typesize": np.dtype(dtype).itemsize, "blocksize": 0}}],
                     "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                      {"name": "crc32c"}],
                 },

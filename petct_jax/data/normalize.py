@@ -95,16 +95,21 @@ class Normalizer:
         if self.scheme == "nnunet" and self.ct is None:
             raise PetctError("nnunet normalization needs dataset-wide CT statistics")
 
-    def __call__(self, channel: str, array: np.ndarray, record: Mapping) -> np.ndarray:
-        x = np.asarray(array, dtype=np.float32)
+    def __call__(self, channel: str, array: np.ndarray, record: Mapping,
+                 out: np.ndarray | None = None) -> np.ndarray:
+        """The normalized float32 array; written into `out` (e.g. a view of the patch) if
+        given, converting while subtracting so that the stored array is read once."""
+        if out is None:
+            out = np.empty(np.shape(array), np.float32)
         if channel == "ct" and self.scheme == "nnunet":
-            x = np.clip(x, np.float32(self.ct.lo), np.float32(self.ct.hi))
-            mean, std = self.ct.mean, self.ct.std
+            np.clip(array, np.float32(self.ct.lo), np.float32(self.ct.hi), out=out)
+            out -= np.float32(self.ct.mean)
+            std = self.ct.std
         else:
             mean, std = scan_mean_std(record, channel)
-        x -= np.float32(mean)
-        x *= np.float32(1.0 / std)
-        return x
+            np.subtract(array, np.float32(mean), out=out, dtype=np.float32)
+        out *= np.float32(1.0 / std)
+        return out
 
 
 def make_normalizer(scheme: str, records: Iterable[Mapping] = ()) -> Normalizer:

@@ -215,6 +215,11 @@ class Geometry:
     def empty(self) -> bool:
         return any(b <= a for a, b in zip(self.lo, self.hi))
 
+    @property
+    def identity(self) -> bool:
+        """The region maps voxel for voxel onto `where` (no zoom, no rotation)."""
+        return not self.rotated and all(ax.u is None for ax in self.axes)
+
     def apply(self, region: np.ndarray | None, *, linear: bool = True,
               out: np.ndarray | None = None) -> np.ndarray:
         """Resample `region` (the box lo..hi, already normalized) into the patch, or into
@@ -284,7 +289,9 @@ def sample_patch(store: Any, record: Mapping, config: PatchConfig, normalizer: N
     image = np.zeros((*config.patch, len(config.channels)), np.float32)
     for c, name in enumerate(config.channels):
         x = image[..., c]  # a view: resampling and augmentation write into the image
-        if not geom.empty:
+        if geom.identity and not geom.empty:
+            normalizer(name, region[name], record, out=x[geom.where])  # one pass, no copy
+        elif not geom.empty:
             geom.apply(normalizer(name, region[name], record), out=x)
         aug.intensity(x, geom.where, config.augment, rng)
     flips = aug.draw_flips(config.augment, rng)
