@@ -37,6 +37,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from petct_jax.errors import PetctError
+from petct_jax.models.conv_cpu import conv3d, resolve_impl
 
 # Name given to convolution outputs so remat policies can choose to keep them.
 CONV_OUT = "conv_out"
@@ -112,9 +113,10 @@ class Conv3d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_channels,), param_dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.padding,
-            dimension_numbers=_DIMENSIONS)
+        # lax.conv_general_dilated on GPU/TPU; on CPU the same numbers from 2D convolutions and
+        # matmuls, which XLA:CPU runs several times faster (petct_jax/models/conv_cpu.py).
+        y = conv3d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
+                   self.padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return checkpoint_name(y, CONV_OUT)
@@ -186,12 +188,25 @@ class InstanceNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        scale = self.scale[...].astype(jnp.float32)
+        bias = self.bias[...].astype(jnp.float32)
+        if resolve_impl() == "xla":
+            xf = x.astype(jnp.float32)
+            mean = jnp.mean(xf, axis=(1, 2, 3), keepdims=True)
+            var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 3), keepdims=True)
+            return ((xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias).astype(self.dtype)
+        # On CPU both statistics are contractions with a weight vector over the voxels (dots,
+        # written n-first so that no operand needs a transpose) rather than reductions, which
+        # XLA:CPU runs far below memory bandwidth when the channel axis stays: measured on the
+        # paper's UNet, MAE step 3.85 s vs 4.82 s, forward 1.62 vs 1.85 s. Same two-pass mean /
+        # biased variance as above.
+        v = x.astype(jnp.float32).reshape(x.shape[0], -1, x.shape[-1])
+        weights = jnp.full((v.shape[1],), 1.0 / v.shape[1], jnp.float32)
+        mean = jnp.einsum("n,bnc->bc", weights, v)
+        centred = v - mean[:, None]
+        var = jnp.einsum("n,bnc->bc", weights, centred * centred)
+        y = centred * (jax.lax.rsqrt(var + self.eps) * scale)[:, None] + bias
+        return y.reshape(x.shape).astype(self.dtype)
 
 
 class ConvNormAct(nnx.Module):

@@ -1,0 +1,250 @@
+"""3D convolutions that run fast on XLA:CPU, with exactly the numbers of `lax.conv_general_dilated`.
+
+Why: XLA:CPU lowers a 3D convolution to Eigen's generic cuboid convolution, and its gradients
+(a kernel-gradient convolution with batch and feature swapped, transposes around it) are
+slower still, while 2D convolutions go to well-tuned kernels (Eigen's spatial convolution, or
+YNNPACK). Measured on a 2-core AMD EPYC (Zen 4), 3x3x3 32->32 at 2x32x64x64: XLA's 3D
+convolution ~18 / 21 GFLOP/s (forward / forward+backward), the decomposition below ~150 /
+~110 GFLOP/s with Eigen's 2D convolution (benchmarks/conv3d.py has every layer of the UNet).
+
+The decomposition (`conv3d` with `impl="cpu"`):
+
+- 1x1x1 kernels: a strided slice and one `jnp.dot` over the channels.
+- Otherwise, per depth tap `kd`: one 2D convolution over (y, x) with the kernel slice `k[kd]`,
+  with depth folded into the batch axis, (B*D, H, W, C). For depth stride 1 the 2D conv runs on
+  the unpadded input and its *output* is shifted in depth by `kd - pad` (zero rows where the
+  tap falls into the padding) and summed: no copy of the input, one fused add. For depth
+  stride > 1 the tap's input slices `d * stride + kd - pad` are taken with a strided slice.
+  Taps that only ever see padding are skipped.
+
+Gradients are plain JAX autodiff of that forward: the transposes of 2D convolutions are again
+2D convolutions, of `dot` are dots and of slices/pads are pads/slices. Hand-written backward
+passes were measured and were not faster: the kernel gradient as one 2D convolution with the
+depth taps folded into its batch or output channels, as im2col + one matmul, or as KH*KW
+matmuls over row-shifted views of the flattened padded input (fast alone, but XLA copies
+every shifted view and runs the nine products concurrently, 1.2-2.5x slower in context).
+
+Importing this module also asks XLA:CPU to keep convolutions out of YNNPACK
+(`prefer_eigen_convolutions`, before the backend starts): YNNPACK's 2D convolution ran at about
+half the speed of Eigen's on these shapes.
+
+Selection: `impl="auto"` (what `petct_jax.models.layers.Conv3d` uses) takes the fast path when
+JAX's default backend is the CPU at trace time and keeps `lax.conv_general_dilated` elsewhere
+(cuDNN on GPU and the TPU convolution emitters are already fast). `PETCT_CONV3D=xla|cpu|auto`
+in the environment, or the `use_impl(...)` context manager (read at trace time, so re-jit after
+changing it), overrides the choice. `stats["fast"]` counts traces that took the fast path.
+
+Low precision: each 2D piece accumulates in float32 (`preferred_element_type`), the pieces are
+summed in float32 and the result is cast to the input dtype once, as a single convolution does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("auto", "cpu", "xla")
+
+# Trace-time counters: how many convolutions took which path (tests read them).
+stats = {"fast": 0, "xla": 0}
+
+_override: list[str] = []
+
+# XLA:CPU hands 2D convolutions (and some fusions around them) to YNNPACK by default, which
+# ran them at ~85 GFLOP/s here, against ~155 GFLOP/s for XLA's Eigen 2D convolution on the
+# same shapes. Removing only individual convolutions from YNNPACK still left conv fusions
+# there (MAE step 4.4-5.9 s, unsteady); an empty fusion set keeps everything on Eigen and
+# XLA's own emitters (4.2 s, steady; benchmarks/RESULTS.md, train_step).
+# XLA reads XLA_FLAGS once, when the first backend starts, and aborts on a flag it does not
+# know, so it is set only before that and only for jaxlib versions where it was checked.
+YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+_FLAG_CHECKED_JAXLIB = ("0.10.",)
+
+
+def prefer_eigen_convolutions() -> bool:
+    """Add `YNN_CONV_FLAG` to XLA_FLAGS if it can still take effect; True if it is in place.
+
+    Skipped when XLA_FLAGS already says anything about YNN fusions, when a backend is already
+    initialised, when PETCT_KEEP_XLA_FLAGS is set, or on an unchecked jaxlib version.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+        return YNN_CONV_FLAG in flags.split()
+    if os.environ.get("PETCT_KEEP_XLA_FLAGS"):
+        return False
+    try:
+        import jaxlib
+        from jax._src import xla_bridge
+
+        if (not jaxlib.__version__.startswith(_FLAG_CHECKED_JAXLIB)
+                or xla_bridge.backends_are_initialized()):
+            return False
+    except Exception:  # private API moved: leave the flags alone
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {YNN_CONV_FLAG}".strip()
+    return True
+
+
+prefer_eigen_convolutions()
+
+
+@contextlib.contextmanager
+def use_impl(impl: str) -> Iterator[None]:
+    """Force `impl` ("cpu", "xla" or "auto") for convolutions traced inside the block."""
+    if impl not in IMPLS:
+        raise ValueError(f"conv3d impl must be one of {IMPLS}, got {impl!r}")
+    _override.append(impl)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def resolve_impl(impl: str = "auto") -> str:
+    """"cpu" or "xla": the override, then `impl`, then $PETCT_CONV3D, then the default backend."""
+    if _override:
+        impl = _override[-1]
+    if impl == "auto":
+        impl = os.environ.get("PETCT_CONV3D", "auto").lower() or "auto"
+    if impl not in IMPLS:
+        raise ValueError(f"conv3d impl must be one of {IMPLS}, got {impl!r} (PETCT_CONV3D?)")
+    if impl == "auto":
+        impl = "cpu" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1, 1),
+           padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0), (0, 0)), *,
+           impl: str = "auto") -> jax.Array:
+    """`lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NDHWC",
+    "DHWIO", "NDHWC"))`: x (B, D, H, W, C), kernel (KD, KH, KW, C, O), explicit padding pairs."""
+    strides = tuple(int(s) for s in strides)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if x.ndim != 5 or kernel.ndim != 5 or len(strides) != 3 or len(padding) != 3:
+        raise ValueError(f"conv3d: x {x.shape}, kernel {kernel.shape}, strides {strides}, "
+                         f"padding {padding}: want 5D NDHWC / DHWIO and 3 strides / pad pairs")
+    if resolve_impl(impl) == "xla":
+        stats["xla"] += 1
+        return lax.conv_general_dilated(x, kernel, strides, padding,
+                                        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    stats["fast"] += 1
+    return conv3d_cpu(x, kernel, strides, padding)
+
+
+def out_size(n: int, k: int, s: int, pad: tuple[int, int]) -> int:
+    return (n + pad[0] + pad[1] - k) // s + 1
+
+
+def conv3d_cpu(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
+               padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """The decomposition described in the module docstring (no backend check)."""
+    dtype = jnp.result_type(x.dtype, kernel.dtype)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    kd_, kh_, kw_, c, o = kernel.shape
+    if x.shape[-1] != c:
+        raise ValueError(f"conv3d: input has {x.shape[-1]} channels, kernel expects {c}")
+    acc = _acc_dtype(dtype)
+    if (kd_, kh_, kw_) == (1, 1, 1):
+        y = _pointwise(x, kernel, strides, padding, acc)
+    else:
+        y = _depth_taps(x, kernel, strides, padding, acc)
+    return y.astype(dtype)
+
+
+def _acc_dtype(dtype):
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _pointwise(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
+               padding: tuple[tuple[int, int], ...], acc) -> jax.Array:
+    """1x1x1 kernel: (padded, strided) input times the (C, O) weight."""
+    if any(p != (0, 0) for p in padding):
+        x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    if strides != (1, 1, 1):
+        x = x[:, ::strides[0], ::strides[1], ::strides[2]]
+    return jnp.dot(x, kernel.reshape(kernel.shape[-2:]), preferred_element_type=acc)
+
+
+def _conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+            padding: tuple[tuple[int, int], ...], acc) -> jax.Array:
+    """x (B, N, H, W, C) with N folded into the batch; kernel (KH, KW, C, O)."""
+    b, n, h, w, c = x.shape
+    y = lax.conv_general_dilated(x.reshape(b * n, h, w, c), kernel, strides, padding,
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                 preferred_element_type=acc)
+    return y.reshape(b, n, *y.shape[1:])
+
+
+def _depth_taps(x: jax.Array, kernel: jax.Array, strides: tuple[int, int, int],
+                padding: tuple[tuple[int, int], ...], acc) -> jax.Array:
+    """Sum over depth taps of 2D convolutions, depth folded into the batch."""
+    d = x.shape[1]
+    sd, pad_d = strides[0], padding[0]
+    d_out = out_size(d, kernel.shape[0], sd, pad_d)
+    total = None
+    for kd in range(kernel.shape[0]):
+        # Output rows whose input row i = j * sd + kd - pad_lo lies inside the volume.
+        first = max(0, -(-(pad_d[0] - kd) // sd))
+        last = min(d_out - 1, (d - 1 + pad_d[0] - kd) // sd)
+        if last < first:
+            continue  # this tap only sees padding
+        i0 = first * sd + kd - pad_d[0]
+        if sd == 1:
+            # Convolve every input row and shift the output: no copy of the input.
+            y = _conv2d(x, kernel[kd], strides[1:], padding[1:], acc)
+            y = y[:, i0:i0 + last - first + 1]
+        else:
+            xs = lax.slice_in_dim(x, i0, i0 + (last - first) * sd + 1, sd, axis=1)
+            y = _conv2d(xs, kernel[kd], strides[1:], padding[1:], acc)
+        if first or last < d_out - 1:
+            y = jnp.pad(y, ((0, 0), (first, d_out - 1 - last), (0, 0), (0, 0), (0, 0)))
+        total = y if total is None else total + y
+    if total is None:  # every tap in the padding: the output is zero
+        shape = (x.shape[0], d_out,
+                 *(out_size(n, k, s, p) for n, k, s, p in
+                   zip(x.shape[2:4], kernel.shape[1:3], strides[1:], padding[1:])),
+                 kernel.shape[-1])
+        return jnp.zeros(shape, acc)
+    return total
+
+
+def conv_flops(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Sequence[int],
+               padding: Sequence[tuple[int, int]]) -> int:
+    """Nominal multiply-add FLOPs (2 per MAC) of the forward convolution, padding included."""
+    outs = [out_size(n, k, s, p) for n, k, s, p in
+            zip(x_shape[1:4], kernel_shape[:3], strides, padding)]
+    return 2 * x_shape[0] * math.prod(outs) * math.prod(kernel_shape)
+
+
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
+    """Restart this process with glibc's malloc asking for transparent huge pages, once.
+
+    Why: XLA:CPU allocates every output and temporary buffer afresh on each call, and glibc
+    serves allocations above 32 MB with a new mmap whose 4 KiB pages fault in one by one as they
+    are first written; memory-bound ops (elementwise, norms, pads, transposes) then run at
+    2-3 GB/s instead of the 15-25 GB/s numpy reaches on the same machine. With
+    `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, THP mode "madvise" or "always")
+    malloc marks those mappings MADV_HUGEPAGE and they fault in 2 MiB at a time: measured
+    here, `x * 2 + 1` on 100 MB goes from 77 to 15 ms. Tunables are read at process start,
+    hence the re-exec; it is a no-op when the tunable is already set, off Linux, or when
+    PETCT_NO_REEXEC is set. PyTorch's CPU allocator benefits alike (same process, same libc).
+    """
+    import sys
+
+    current = os.environ.get("GLIBC_TUNABLES", "")
+    if (HUGE_PAGES_TUNABLE.split("=")[0] in current or not sys.platform.startswith("linux")
+            or os.environ.get("PETCT_NO_REEXEC")):
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{current}:{HUGE_PAGES_TUNABLE}" if current else HUGE_PAGES_TUNABLE
+    os.environ["PETCT_NO_REEXEC"] = "1"
+    args = list(sys.argv if argv is None else argv)
+    os.execv(sys.executable, [sys.executable, *args])
