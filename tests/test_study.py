@@ -160,7 +160,8 @@ def _old_demo_configs(workdir, store, split_path, sizes):
     widths = tuple(sizes["widths"])
     common = [f"model.overrides.n_stages={len(widths)}", f"model.overrides.features_per_stage={widths}",
               f"model.overrides.strides={(1,) + (2,) * (len(widths) - 1)}",
-              f"data.patch={tuple(sizes['patch'])}", "data.num_workers=0", "batch_size=2", f"store={store}"]
+              f"data.patch={tuple(sizes['patch'])}", "data.num_workers=0",
+              f"batch_size={sizes['batch_size']}", f"store={store}"]
     steps = lambda n: [f"total_steps={n}", f"ckpt.every_steps={max(n // 3, 1)}",
                        f"eval_every={max(n // 3, 1)}", f"preview_every={n}", f"log_every={max(n // 15, 1)}"]
     cfg = lambda name, variant, ov: resolve(os.path.join(REPO, f"configs/{name}.py:{variant}"), ov)
@@ -172,12 +173,14 @@ def _old_demo_configs(workdir, store, split_path, sizes):
         for frac in ("frac10", "frac100"):
             init_value = "scratch" if init == "scratch" else os.path.join(runs, "mae_joint")
             out[f"seg_{init}_{frac}"] = cfg("finetune", f"tiny,{frac}", common + steps(sizes["finetune_steps"])
-                                            + [f"data.split={split_path}", f"init={init_value}"])
+                                            + [f"data.split={split_path}", f"init={init_value}",
+                                               f"loss.batch_dice={sizes['batch_dice']}"])
     for mode in ("joint", "separate"):
         inits = ([f"init={os.path.join(runs, 'mae_joint')}"] if mode == "joint" else
                  [f"init_pet={os.path.join(runs, 'mae_pet')}", f"init_ct={os.path.join(runs, 'mae_ct')}"])
         out[f"probe_{mode}"] = cfg("probe", f"tiny,{mode}", common + steps(sizes["probe_steps"]) + inits
                                    + [f"data.split={split_path}", f"k={sizes['k_shot']}",
+                                      f"loss.batch_dice={sizes['batch_dice']}",
                                       f"seeds={tuple(sizes['probe_seeds'])}"])
     return out
 
