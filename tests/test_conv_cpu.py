@@ -146,3 +146,28 @@ def test_impl_selection(monkeypatch):
     monkeypatch.setenv("PETCT_CONV3D", "bogus")
     with pytest.raises(ValueError, match="PETCT_CONV3D"):
         conv_cpu.resolve_impl()
+
+
+def test_instance_norm_cpu_statistics_equal_the_reduction_form():
+    """InstanceNorm sums its statistics as dots on CPU and as reductions elsewhere: the same
+    numbers (float32 rounding apart), forward and gradients, with a mean far from zero."""
+    from petct_jax.models.layers import InstanceNorm
+
+    norm = InstanceNorm(5)
+    norm.scale.set_value(jnp.linspace(0.5, 1.5, 5))
+    norm.bias.set_value(jnp.linspace(-1.0, 1.0, 5))
+    x = jnp.asarray(np.random.default_rng(4).normal(3.0, 2.0, size=(2, 6, 8, 10, 5)), jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(5).normal(size=x.shape), jnp.float32)
+    graphdef, params = nnx.split(norm)
+
+    def value_and_grads():
+        y, vjp = jax.vjp(lambda p, xx: nnx.merge(graphdef, p)(xx), params, x)
+        return y, *vjp(cot)
+
+    ours = value_and_grads()
+    with conv_cpu.use_impl("xla"):
+        ref = value_and_grads()
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        assert _rel_err(a, b) < 1e-5
+    y = np.asarray(ours[0]).reshape(2, -1, 5)
+    np.testing.assert_allclose((y.mean(1) - np.linspace(-1, 1, 5)), 0, atol=1e-5)  # bias = mean
