@@ -17,27 +17,16 @@ Schedules are in steps. The paper's 200 epochs of 4,997 scans at batch 16 are
 
 import ml_collections
 
-BACKBONES = {
-    # name: (model.name, model.preset, lr)
-    "plain_unet": ("plain_unet", "paper", 5e-4),
-    "resenc_l": ("resenc_unet", "L", 5e-4),
-    "swin_small": ("swin_unetr", "small", 1e-4),
-    "swin_base": ("swin_unetr", "base", 1e-4),
-    "swin_large": ("swin_unetr", "large", 1e-4),
-    "tiny": ("plain_unet", "paper", 2e-3),
-}
-MODALITIES = {"joint": ("pet", "ct"), "pet": ("pet",), "ct": ("ct",)}
+from petct_jax import config_blocks as blocks
+
+ABLATIONS = ("token", "vw0", "vw1", "shared_mask", "ratio75", "block8")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t for t in (arg or "").split(",") if t]
-    unknown = [t for t in tokens if t not in BACKBONES and t not in MODALITIES
-               and t not in ("token", "vw0", "vw1", "shared_mask", "ratio75", "block8")]
-    if unknown:
-        raise KeyError(f"unknown variant token(s) {unknown}")
-    backbone = next((t for t in tokens if t in BACKBONES), "plain_unet")
-    modality = next((t for t in tokens if t in MODALITIES), "joint")
-    name, preset, lr = BACKBONES[backbone]
+    tokens = blocks.variant_tokens(arg, blocks.BACKBONES, blocks.MODALITIES, ABLATIONS)
+    backbone = next((t for t in tokens if t in blocks.BACKBONES), "plain_unet")
+    modality = next((t for t in tokens if t in blocks.MODALITIES), "joint")
+    name, preset, lr = blocks.BACKBONES[backbone]
     tiny = backbone == "tiny"
 
     c = ml_collections.ConfigDict()
@@ -50,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.grad_accum = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.channels = MODALITIES[modality]
+    c.data.channels = blocks.MODALITIES[modality]
     c.data.patch = (32, 32, 32) if tiny else (96, 128, 128)
     c.data.normalization = "zscore"  # the paper's per-scan z-score; or "nnunet"
     c.data.zoom_prob = 0.5
@@ -59,16 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.1  # held-out patients for the validation loss (never a test set)
     c.data.exclude = ""  # a split JSON/CSV whose `test` cases are never pretrained on
 
-    c.model = ml_collections.ConfigDict()
-    c.model.name = name
-    c.model.preset = preset
-    c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype; parameters stay f32
-    c.model.remat = ""  # "", "stage" or "stage_dots"
-    c.model.overrides = ml_collections.ConfigDict()  # constructor arguments of the backbone
-    if tiny:  # 4 stages, widths 8..64: about 0.3M parameters
-        c.model.overrides.n_stages = 4
-        c.model.overrides.features_per_stage = (8, 16, 32, 64)
-        c.model.overrides.strides = (1, 2, 2, 2)
+    c.model = blocks.model(name, preset, tiny)
 
     c.mae = ml_collections.ConfigDict()
     c.mae.imputation = "token" if "token" in tokens else "zero"
@@ -77,27 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.mae.block = (8, 8, 8) if "block8" in tokens else (4, 4, 4) if tiny else (12, 16, 16)
     c.mae.per_channel = "shared_mask" not in tokens
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = lr
-    c.optim.end_lr = 1e-6
-    c.optim.warmup_steps = 20 if tiny else 1_000
-    c.optim.weight_decay = 1e-5
-    c.optim.clip_norm = 1.0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # all devices not used by fsdp
-    c.mesh.fsdp = 1  # >1 splits parameters and optimizer state (large Swin models)
-    c.mesh.min_fsdp_size = 2 ** 18
-    c.mesh.rules = ()  # ((regex, "spec,..."), ...) by parameter path; first match wins
-
-    c.ckpt = ml_collections.ConfigDict()
-    c.ckpt.every_steps = 100 if tiny else 1_000
-    c.ckpt.keep = 2
-    c.ckpt.keep_best = 1
-    c.ckpt.async_save = True
+    c.optim = blocks.optim(lr=lr, warmup_steps=20 if tiny else 1_000, weight_decay=1e-5)
+    c.mesh = blocks.mesh()
+    c.ckpt = blocks.ckpt(every_steps=100 if tiny else 1_000)
 
     c.log_every = 10 if tiny else 50
     c.eval_every = 100 if tiny else 1_000

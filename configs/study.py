@@ -30,16 +30,15 @@ steps of the label-fraction schedule, k, seeds).
 
 import ml_collections
 
-BACKBONES = ("plain_unet", "resenc_l", "swin_small", "swin_base", "swin_large", "tiny")
+from petct_jax import config_blocks as blocks
+
+BACKBONES = tuple(blocks.BACKBONES)  # the backbone tokens of the cells' configs
 SEEDS = {"seeds1": (0,), "seeds3": (0, 1, 2), "seeds5": (0, 1, 2, 3, 4)}
 FLAGS = ("autopet", "demo", "quick")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tokens = [t for t in (arg or "").split(",") if t]
-    unknown = [t for t in tokens if t not in BACKBONES and t not in SEEDS and t not in FLAGS]
-    if unknown:
-        raise KeyError(f"unknown variant token(s) {unknown}")
+    tokens = blocks.variant_tokens(arg, BACKBONES, SEEDS, FLAGS)
     if "quick" in tokens and "demo" not in tokens:
         raise KeyError("'quick' goes with 'demo'")
     if "demo" in tokens and "autopet" in tokens:
