@@ -171,3 +171,28 @@ def test_instance_norm_cpu_statistics_equal_the_reduction_form():
         assert _rel_err(a, b) < 1e-5
     y = np.asarray(ours[0]).reshape(2, -1, 5)
     np.testing.assert_allclose((y.mean(1) - np.linspace(-1, 1, 5)), 0, atol=1e-5)  # bias = mean
+
+
+def test_materialize_is_the_identity_with_its_gradient():
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 4)), jnp.float32)
+    y, vjp = jax.vjp(conv_cpu.materialize, x)
+    np.testing.assert_array_equal(y, x)
+    np.testing.assert_array_equal(vjp(2 * x)[0], 2 * x)
+    # a non-finite first element takes the other branch: still the identity
+    z = x.at[0, 0, 0].set(jnp.nan).at[0, 0, 1].set(jnp.inf)
+    np.testing.assert_array_equal(conv_cpu.materialize(z), z)
+
+
+def test_conv_input_and_tap_sum_are_materialized():
+    """The convolution's input and its depth-tap sum each pass through a conditional, which
+    XLA:CPU cannot fuse through: the kernel gradient's transposing copy then reads the stored
+    activation instead of recomputing it from the producers (module docstring). The check can
+    fail: without `materialize` the compiled step has no conditional at all."""
+    def loss(a, b, k):
+        x = jnp.where(a + b >= 0, a + b, 0.01 * (a + b))  # an elementwise producer
+        return jnp.sum(conv_cpu.conv3d(x, k, (1, 1, 1), P1, impl="cpu") ** 2)
+
+    a, b = jnp.ones((1, 4, 6, 6, 8)), jnp.zeros((1, 4, 6, 6, 8))  # 8 channels: depth taps
+    k = jnp.ones((3, 3, 3, 8, 2))
+    text = jax.jit(jax.grad(loss, argnums=2)).lower(a, b, k).compile().as_text()
+    assert text.count("conditional(") >= 2
