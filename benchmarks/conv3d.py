@@ -17,7 +17,7 @@ A large square matmul (`--square`, default 2048) gives the machine's matmul rate
 target: our 3x3x3 forward+backward >= 60% of the matmul rate.
 
 On Linux the process restarts itself once with glibc's malloc on transparent huge pages
-(`--no-huge-pages` to keep the default; `petct_jax.models.conv_cpu.reexec_with_huge_pages`).
+(`--no-huge-pages` to keep the default; `petct_jax.hugepages`).
 
     python benchmarks/conv3d.py [--batch 2] [--crop 32 64 64] [--repeats 3] [--torch]
 
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages
 from petct_jax.models import conv_cpu, layers
 from petct_jax.models.plain_unet import PlainConvUNet
 
@@ -125,7 +126,7 @@ def main() -> None:
                         help="keep glibc's default malloc (no re-exec with transparent huge pages)")
     args = parser.parse_args()
     if not args.no_huge_pages:
-        conv_cpu.reexec_with_huge_pages()
+        reexec_with_huge_pages()
     if args.torch:
         import torch
         torch.set_num_threads(os.cpu_count())
@@ -195,7 +196,7 @@ def main() -> None:
         "benchmark": "conv3d",
         "device": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
         "load_avg_1min": round(os.getloadavg()[0], 2), "jax": jax.__version__,
-        "huge_pages": "hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
+        "huge_pages": huge_pages_on(),
         "model": "PlainConvUNet default (6 stages, 32-320)",
         "input_bzyxc": [args.batch, *args.crop, 2], "repeats": args.repeats,
         "square_matmul_gflops": round(square_gflops, 1),

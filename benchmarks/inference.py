@@ -22,7 +22,7 @@ untimed run each (compile / warm-up). CPU default window 64x64x64 (the network n
 multiples of 32); the paper's setting is `--window 96 128 128` on a real-size scan
 (e.g. `--shape 320 200 200`). Both sides run in one process; on Linux the process restarts
 itself once with glibc's malloc on transparent huge pages (`--no-huge-pages` to keep the
-default allocator; see `petct_jax.models.conv_cpu.reexec_with_huge_pages`).
+default allocator; see `petct_jax.hugepages`).
 
     python benchmarks/inference.py [--shape 160 96 96] [--window 64 64 64] [--repeats 2]
 
@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 
+from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,7 +77,6 @@ def synthetic_scan(shape, seed: int = 0) -> np.ndarray:
 def main() -> None:
     args = parse_args()
     if not args.no_huge_pages:
-        from petct_jax.models.conv_cpu import reexec_with_huge_pages
         reexec_with_huge_pages()
 
     import jax
@@ -139,7 +139,7 @@ def main() -> None:
         "benchmark": "inference",
         "device": jax.devices()[0].device_kind, "torch_device": torch_device,
         "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
-        "huge_pages": "hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
+        "huge_pages": huge_pages_on(),
         "jax": jax.__version__, "torch": torch.__version__,
         "net": args.net, "scan_zyx": list(args.shape), "window": list(window),
         "overlap": args.overlap, "batch_windows": args.batch_windows, "windows": n_windows,

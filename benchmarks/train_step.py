@@ -24,8 +24,8 @@ least disturbed), the median too. Voxels/s = batch x crop voxels / step time.
 
 Both sides run in one process; on Linux it restarts itself once with glibc's malloc on
 transparent huge pages (`--no-huge-pages` keeps the default allocator; see
-`petct_jax.models.conv_cpu.reexec_with_huge_pages`: fresh 4 KiB page faults otherwise
-dominate XLA's memory-bound ops on CPU).
+`petct_jax.hugepages`: without them XLA's memory-bound ops on CPU crawl; `petct` does the
+same for its training and inference commands).
 
 `--xla-conv` also times our MAE step with `lax.conv_general_dilated` for every convolution
 (the path before petct_jax/models/conv_cpu.py). The GPU size of the paper is
@@ -52,6 +52,7 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages  # noqa: E402
 
 NETS = {
     # the paper's network (configs/pretrain.py:plain_unet): 6 stages 32..320, 31.2M parameters
@@ -322,7 +323,6 @@ def loss_of(model: Any, x, mask):
 def main() -> None:
     args = parse_args()
     if not args.no_huge_pages:
-        from petct_jax.models.conv_cpu import reexec_with_huge_pages
         reexec_with_huge_pages()
     import jax
     import torch
@@ -340,7 +340,7 @@ def main() -> None:
         "benchmark": "train_step",
         "device": jax.devices()[0].device_kind, "torch_device": torch_device,
         "cpu_count": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
-        "huge_pages": "hugetlb=1" in os.environ.get("GLIBC_TUNABLES", ""),
+        "huge_pages": huge_pages_on(),
         "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "net": args.net, "batch": args.batch, "crop": list(args.crop),
         "dtype_ours": "bfloat16" if gpu else "float32",

@@ -13,6 +13,7 @@ import sys
 
 from petct_jax.config import split_overrides
 from petct_jax.errors import PetctError
+from petct_jax.hugepages import reexec_with_huge_pages
 
 # name -> (module, one-line help). Only subcommands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -29,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("petct_jax.downstream.probe", "k-shot linear probing of frozen pretrained features (joint or separated PET/CT)."),
     "study": ("petct_jax.study", "The paper's experiment grid (MAE, fine-tuning at label fractions, probes, seeds): resumable cells, one report."),
 }
+# Commands that run networks: they restart once with huge pages (petct_jax/hugepages.py; a
+# CPU training step is ~3x faster with them). The data tools start straight away.
+HEAVY_COMMANDS = ("demo", "pretrain", "finetune", "probe", "predict", "study")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`petct ARGS`; with `argv` given (tests, other programs) the process is never restarted."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv)  # prints usage or the error, and exits
     name = argv[0]
+    if from_command_line and name in HEAVY_COMMANDS:
+        reexec_with_huge_pages()
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"petct {name}", description=help_text)

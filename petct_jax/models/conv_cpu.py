@@ -271,30 +271,3 @@ def conv_flops(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Seq
             zip(x_shape[1:4], kernel_shape[:3], strides, padding)]
     return 2 * x_shape[0] * math.prod(outs) * math.prod(kernel_shape)
 
-
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
-    """Restart this process with glibc's malloc asking for transparent huge pages, once.
-
-    Why: XLA:CPU allocates every output and temporary buffer afresh on each call, and glibc
-    serves allocations above 32 MB with a new mmap whose 4 KiB pages fault in one by one as they
-    are first written; memory-bound ops (elementwise, norms, pads, transposes) then run at
-    2-3 GB/s instead of the 15-25 GB/s numpy reaches on the same machine. With
-    `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35, THP mode "madvise" or "always")
-    malloc marks those mappings MADV_HUGEPAGE and they fault in 2 MiB at a time: measured
-    here, `x * 2 + 1` on 100 MB goes from 77 to 15 ms. Tunables are read at process start,
-    hence the re-exec; it is a no-op when the tunable is already set, off Linux, or when
-    PETCT_NO_REEXEC is set. PyTorch's CPU allocator benefits alike (same process, same libc).
-    """
-    import sys
-
-    current = os.environ.get("GLIBC_TUNABLES", "")
-    if (HUGE_PAGES_TUNABLE.split("=")[0] in current or not sys.platform.startswith("linux")
-            or os.environ.get("PETCT_NO_REEXEC")):
-        return
-    os.environ["GLIBC_TUNABLES"] = f"{current}:{HUGE_PAGES_TUNABLE}" if current else HUGE_PAGES_TUNABLE
-    os.environ["PETCT_NO_REEXEC"] = "1"
-    args = list(sys.argv if argv is None else argv)
-    os.execv(sys.executable, [sys.executable, *args])
