@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.channels = blocks.MODALITIES[modality]
     c.data.patch = (32, 32, 32) if tiny else (96, 128, 128)
     c.data.normalization = "zscore"  # the paper's per-scan z-score; or "nnunet"
+    c.data.dtype = blocks.image_dtype(tiny)
     c.data.zoom_prob = 0.5
     c.data.zoom_range = (0.9, 1.1)
     c.data.num_workers = 0 if tiny else 8

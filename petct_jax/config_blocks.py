@@ -86,6 +86,12 @@ def ckpt(every_steps: int) -> ml_collections.ConfigDict:
     return group
 
 
+def image_dtype(tiny: bool) -> str:
+    """`data.dtype`: float16 batches for the 16-bit networks (`model`), which round their input
+    to bfloat16 anyway; half the bytes through worker processes and onto the device."""
+    return "float32" if tiny else "float16"
+
+
 def seg_data(channels: tuple[str, ...], tiny: bool) -> ml_collections.ConfigDict:
     """`config.data` of lesion segmentation (fine-tuning, probes): nnU-Net's patch sampling
     and augmentation, and the train/val/test split."""
@@ -96,6 +102,7 @@ def seg_data(channels: tuple[str, ...], tiny: bool) -> ml_collections.ConfigDict
     group.zoom_prob = 0.0  # the reference's fine-tuning crops are not zoomed
     group.zoom_range = (0.9, 1.1)
     group.foreground_fraction = 1 / 3  # nnU-Net: the last third of each batch on a lesion
+    group.dtype = image_dtype(tiny)
     group.augment = ml_collections.ConfigDict(dict(  # nnU-Net v2's probabilities (augment.py)
         flip_prob=(0.5, 0.5, 0.5), rotate_prob=0.2, rotate_max_deg=15.0, scale_prob=0.2,
         scale_range=(0.85, 1.25), noise_prob=0.1, noise_std_range=(0.0, 0.1),

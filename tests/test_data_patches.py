@@ -228,6 +228,22 @@ def test_single_modality_channels(store):
     assert np.array_equal(pet[..., 0], joint[..., 0]) and np.array_equal(ct[..., 0], joint[..., 1])
 
 
+@pytest.mark.parametrize("task,zoom", [("mae", 0.0), ("mae", 1.0), ("seg", 0.0)])
+def test_float16_patches_are_the_float32_patch_rounded_once(store, task, zoom):
+    """data.dtype="float16": the same draw, the float32 values rounded to nearest once (the
+    identity read path, the zoomed path, and fine-tuning augmentation)."""
+    rec, norm = store.record("case00"), make_normalizer("zscore")
+    kw = dict(patch=P, zoom_prob=zoom, zoom_range=(0.9, 0.9))
+    f32 = sample_patch(store, rec, PatchConfig.for_task(task, **kw), norm, np.random.default_rng(5))
+    f16 = sample_patch(store, rec, PatchConfig.for_task(task, dtype="float16", **kw), norm,
+                       np.random.default_rng(5))
+    assert f16["image"].dtype == np.float16 and f32["image"].dtype == np.float32
+    assert np.array_equal(f16["image"], f32["image"].astype(np.float16))
+    assert np.abs(f32["image"]).max() > 1  # not a trivially exact patch
+    if task == "seg":
+        assert np.array_equal(f16["label"], f32["label"])
+
+
 def test_config_from_configdict_and_errors():
     import ml_collections
     c = ml_collections.ConfigDict({"channels": ("ct",), "patch": (32, 32, 32), "num_workers": 8,
@@ -242,3 +258,5 @@ def test_config_from_configdict_and_errors():
         PatchConfig.from_config({"augment": {"flip": 1}})
     with pytest.raises(PetctError, match="labels"):
         PatchConfig(foreground_fraction=0.3)
+    with pytest.raises(PetctError, match="data.dtype"):
+        PatchConfig(dtype="bfloat16")

@@ -34,6 +34,11 @@ def _run(tmp_path, *args: str, **env: str) -> list[str]:
 def test_heavy_commands_restart_once_with_huge_pages(tmp_path):
     starts = _run(tmp_path, "predict", "--help")
     assert starts == ["start -", "start glibc.malloc.hugetlb=1"]
+    # `python -m petct_jax.cli` restarts as a module, not as the file cli.py
+    clean = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "PETCT_NO_REEXEC")}
+    out = subprocess.run([sys.executable, "-X", "utf8", "-m", "petct_jax.cli", "predict", "--help"],
+                         env=clean, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage: petct predict" in out.stdout
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc tunables are Linux-only")

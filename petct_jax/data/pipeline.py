@@ -128,8 +128,9 @@ def patch_dataset(store: Store | str, ids: Iterable[str] | None, config: PatchCo
 
 
 class PatchIterator(grain.DatasetIterator):
-    """Iterator over local batches {"image": (b, Z, Y, X, C) float32[, "label": (b, Z, Y, X)
-    uint8]}; checkpointable with `grain.checkpoint.CheckpointSave/Restore` (see module doc)."""
+    """Iterator over local batches {"image": (b, Z, Y, X, C) of `data.dtype` (float32 by
+    default)[, "label": (b, Z, Y, X) uint8]}; checkpointable with
+    `grain.checkpoint.CheckpointSave/Restore` (see module doc)."""
 
     def __init__(self, dataset: grain.MapDataset, *, num_workers: int = 0, read_threads: int = 1,
                  buffer: int = 2, fingerprint: Mapping[str, Any] | None = None,
