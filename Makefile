@@ -15,7 +15,7 @@ install-torch:
 
 test: install-torch
 	$(PY) -m pip install -e ".[test,torch]"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 demo: install
 	petct demo --workdir runs/demo

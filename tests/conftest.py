@@ -1,10 +1,22 @@
 """Shared fixtures: a tiny phantom cohort and its harmonized store, made once per session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the whole run, shared by the pytest workers and by
+# the `petct` processes tests start (environment variables, set before any test imports JAX):
+# the same tiny networks are compiled again and again by separate processes otherwise.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="petct_test_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 @pytest.fixture(scope="session")
