@@ -36,9 +36,8 @@ to write the activation and 19 ms to transpose it), and the reductions of the no
 pass, which re-read the tap outputs. Measured on the paper's UNet (2 x 32x64x64, one MAE step,
 2-core Zen 3): 5.8 -> 4.8 s (input only), 6.6 -> 5.4 s (input and tap sums; same run).
 
-Importing this module also asks XLA:CPU to keep convolutions out of YNNPACK
-(`prefer_eigen_convolutions`, before the backend starts): YNNPACK's 2D convolution ran at about
-half the speed of Eigen's on these shapes.
+The 2D convolutions must run on XLA's Eigen kernels, not YNNPACK's (half the speed on these
+shapes): importing `petct_jax` sets that flag before any backend starts (`petct_jax/xla_flags.py`).
 
 Selection: `impl="auto"` (what `petct_jax.models.layers.Conv3d` uses) takes the fast path when
 JAX's default backend is the CPU at trace time and keeps `lax.conv_general_dilated` elsewhere
@@ -67,43 +66,6 @@ IMPLS = ("auto", "cpu", "xla")
 stats = {"fast": 0, "xla": 0}
 
 _override: list[str] = []
-
-# XLA:CPU hands 2D convolutions (and some fusions around them) to YNNPACK by default, which
-# ran them at ~85 GFLOP/s here, against ~155 GFLOP/s for XLA's Eigen 2D convolution on the
-# same shapes. Removing only individual convolutions from YNNPACK still left conv fusions
-# there (MAE step 4.4-5.9 s, unsteady); an empty fusion set keeps everything on Eigen and
-# XLA's own emitters (4.2 s, steady; benchmarks/RESULTS.md, train_step).
-# XLA reads XLA_FLAGS once, when the first backend starts, and aborts on a flag it does not
-# know, so it is set only before that and only for jaxlib versions where it was checked.
-YNN_CONV_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
-_FLAG_CHECKED_JAXLIB = ("0.10.",)
-
-
-def prefer_eigen_convolutions() -> bool:
-    """Add `YNN_CONV_FLAG` to XLA_FLAGS if it can still take effect; True if it is in place.
-
-    Skipped when XLA_FLAGS already says anything about YNN fusions, when a backend is already
-    initialised, when PETCT_KEEP_XLA_FLAGS is set, or on an unchecked jaxlib version.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return YNN_CONV_FLAG in flags.split()
-    if os.environ.get("PETCT_KEEP_XLA_FLAGS"):
-        return False
-    try:
-        import jaxlib
-        from jax._src import xla_bridge
-
-        if (not jaxlib.__version__.startswith(_FLAG_CHECKED_JAXLIB)
-                or xla_bridge.backends_are_initialized()):
-            return False
-    except Exception:  # private API moved: leave the flags alone
-        return False
-    os.environ["XLA_FLAGS"] = f"{flags} {YNN_CONV_FLAG}".strip()
-    return True
-
-
-prefer_eigen_convolutions()
 
 
 @contextlib.contextmanager
