@@ -86,10 +86,10 @@ def ckpt(every_steps: int) -> ml_collections.ConfigDict:
     return group
 
 
-def image_dtype(tiny: bool) -> str:
-    """`data.dtype`: float16 batches for the 16-bit networks (`model`), which round their input
-    to bfloat16 anyway; half the bytes through worker processes and onto the device."""
-    return "float32" if tiny else "float16"
+# `data.dtype` of every config. "float16" halves the bytes through worker processes and onto
+# the device, but numpy's float32 -> float16 cast costs more CPU per patch than the smaller
+# copies save (benchmarks/RESULTS.md, data_pipeline): float32 feeds an accelerator with fewer cores.
+IMAGE_DTYPE = "float32"
 
 
 def seg_data(channels: tuple[str, ...], tiny: bool) -> ml_collections.ConfigDict:
@@ -102,7 +102,7 @@ def seg_data(channels: tuple[str, ...], tiny: bool) -> ml_collections.ConfigDict
     group.zoom_prob = 0.0  # the reference's fine-tuning crops are not zoomed
     group.zoom_range = (0.9, 1.1)
     group.foreground_fraction = 1 / 3  # nnU-Net: the last third of each batch on a lesion
-    group.dtype = image_dtype(tiny)
+    group.dtype = IMAGE_DTYPE
     group.augment = ml_collections.ConfigDict(dict(  # nnU-Net v2's probabilities (augment.py)
         flip_prob=(0.5, 0.5, 0.5), rotate_prob=0.2, rotate_max_deg=15.0, scale_prob=0.2,
         scale_range=(0.85, 1.25), noise_prob=0.1, noise_std_range=(0.0, 0.1),
