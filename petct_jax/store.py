@@ -36,7 +36,7 @@ import json
 import os
 import shutil
 import threading
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorstore as ts
@@ -47,6 +47,14 @@ FORMAT_VERSION = 1
 DEFAULT_CHUNK_ZYX = (16, 32, 32)  # a 96x128x128 patch decodes ~1.6x its voxels (32x64x64: ~3x)
 ORIENTATION = "zyx index = (inferior->superior, posterior->anterior, left->right); world RAS+ mm"
 ARRAY_DTYPES = {"pet": "float16", "ct": "int16", "seg": "uint8"}
+
+
+def float32_reads(names: Iterable[str]) -> dict[str, Any]:
+    """`Store.read(dtypes=...)` for arrays about to be normalized into float32: the float16
+    ones (PET) are converted on TensorStore's threads, where it is nearly free; numpy's float16
+    conversion is slow, while int16 (CT) converts fast inside the normalization itself."""
+    return {name: np.float32 for name in names if ARRAY_DTYPES[name] == "float16"}
+
 
 _INFO = "store.json"
 _MANIFEST = "manifest.jsonl"
@@ -352,28 +360,38 @@ class Store:
         return self._arrays[key]
 
     def read(self, case_id: str, names: Iterable[str], lo: Sequence[int] | None = None,
-             hi: Sequence[int] | None = None, fill: float = 0) -> dict[str, np.ndarray]:
+             hi: Sequence[int] | None = None, fill: float = 0,
+             dtypes: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Read the box [lo, hi) of several arrays of a case, concurrently.
 
-        The box may reach outside the volume; voxels outside are `fill` (in the
-        array's stored dtype). Only the chunks inside the box are read.
+        The box may reach outside the volume; voxels outside are `fill`. Only the chunks
+        inside the box are read. `dtypes` maps array names to the dtype they are converted to
+        while reading (on TensorStore's threads, along with decoding: float16 PET to float32
+        this way costs next to nothing, numpy's cast ~2.5 ns a voxel); others keep their stored dtype.
         """
         shape = self.record(case_id)["shape_zyx"]
         lo = [0, 0, 0] if lo is None else [int(v) for v in lo]
         hi = list(shape) if hi is None else [int(v) for v in hi]
         in_lo = [max(a, 0) for a in lo]
         in_hi = [min(b, s) for b, s in zip(hi, shape)]
-        futures = {}
+        inside = in_lo == lo and in_hi == hi
+        futures, kinds = {}, {}
         for name in names:
+            kinds[name] = np.dtype((dtypes or {}).get(name, ARRAY_DTYPES[name]))
             if all(a < b for a, b in zip(in_lo, in_hi)):
                 arr = self.array(case_id, name)
+                if kinds[name] != np.dtype(ARRAY_DTYPES[name]):
+                    arr = ts.cast(arr, ts.dtype(kinds[name].name))
                 futures[name] = arr[tuple(slice(a, b) for a, b in zip(in_lo, in_hi))].read()
             else:
                 futures[name] = None
         out = {}
         dst = tuple(slice(a - l, b - l) for a, b, l in zip(in_lo, in_hi, lo))
         for name, fut in futures.items():
-            box = np.full([b - a for a, b in zip(lo, hi)], fill, dtype=ARRAY_DTYPES[name])
+            if inside and fut is not None:
+                out[name] = fut.result()  # a fresh array already: no padded copy needed
+                continue
+            box = np.full([b - a for a, b in zip(lo, hi)], fill, dtype=kinds[name])
             if fut is not None:
                 box[dst] = fut.result()
             out[name] = box

@@ -31,9 +31,9 @@ class SpyStore:
     def __init__(self, store):
         self.store, self.boxes = store, []
 
-    def read(self, case_id, names, lo=None, hi=None, fill=0):
+    def read(self, case_id, names, lo=None, hi=None, fill=0, dtypes=None):
         self.boxes.append((tuple(lo), tuple(hi)))
-        return self.store.read(case_id, names, lo, hi, fill)
+        return self.store.read(case_id, names, lo, hi, fill, dtypes)
 
 
 def _zscore(store, case_id):

@@ -59,6 +59,13 @@ def test_round_trip_and_padded_reads(root):
     assert far["seg"].shape == (2, 2, 2) and not far["seg"].any()
     with pytest.raises(PetctError, match="no case 'nope'"):
         s.read("nope", ["pet"])
+    # Converted while reading: the same values in the asked dtype, inside and padded boxes.
+    for lo, hi in (((2, 3, 4), (9, 20, 25)), ((-3, 10, 20), (5, 30, 36))):
+        got = s.read("p1_a", ["pet", "ct"], lo=lo, hi=hi, fill=-1, dtypes={"pet": np.float32})
+        want = s.read("p1_a", ["pet", "ct"], lo=lo, hi=hi, fill=-1)
+        assert got["pet"].dtype == np.float32 and got["ct"].dtype == np.int16
+        assert np.array_equal(got["pet"], want["pet"].astype(np.float32))
+        assert np.array_equal(got["ct"], want["ct"])
 
 
 def test_unlabelled_case_has_no_seg(root):

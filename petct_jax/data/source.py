@@ -15,7 +15,7 @@ import numpy as np
 
 from petct_jax.data.normalize import Normalizer
 from petct_jax.errors import PetctError
-from petct_jax.store import Store
+from petct_jax.store import Store, float32_reads
 
 
 def open_store(store: Store | str) -> Store:
@@ -52,7 +52,7 @@ def load_case(store: Store, record: Mapping, channels: Sequence[str], normalizer
               labels: bool = False) -> dict[str, Any]:
     """A whole scan: {"image": (Z, Y, X, C) float32, "label": (Z, Y, X) uint8, "case": id}."""
     names = list(channels) + (["seg"] if labels else [])
-    arrays = store.read(record["id"], names)
+    arrays = store.read(record["id"], names, dtypes=float32_reads(channels))
     out: dict[str, Any] = {
         "image": np.stack([normalizer(c, arrays[c], record) for c in channels], axis=-1),
         "case": record["id"],
