@@ -47,6 +47,7 @@ import numpy as np
 
 from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages  # noqa: E402
 
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=3, default=(160, 96, 96), metavar=("Z", "Y", "X"))

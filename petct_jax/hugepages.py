@@ -22,16 +22,15 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "PETCT_NO_REEXEC"
 
 
-def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
-    """Replace this process by `python argv...` with huge pages on, once. The default is the
-    command line this interpreter was started with (`sys.orig_argv`: keeps `-m module`,
-    `-c code` and interpreter options, where `sys.argv` would run a module's file as a script)."""
+def reexec_with_huge_pages() -> None:
+    """Replace this process by the same command line with huge pages on, once. It is the
+    line this interpreter was started with (`sys.orig_argv`: keeps `-m module`, `-c code` and
+    interpreter options, where `sys.argv` would run a module's file as a script)."""
     current = os.environ.get("GLIBC_TUNABLES", "")
     if TUNABLE.split("=")[0] in current or not sys.platform.startswith("linux") \
             or os.environ.get(OPT_OUT):
@@ -40,7 +39,7 @@ def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
     os.environ[OPT_OUT] = "1"  # the restarted process must not restart again
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *(sys.orig_argv[1:] if argv is None else argv)])
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def huge_pages_on() -> bool:

@@ -14,8 +14,9 @@ from petct_jax.xla_flags import OPT_OUT, YNN_CONV_FLAG
 def _flags_after(code: str, **env: str) -> str:
     """XLA_FLAGS as seen by `code`'s process after it ran (it prints them last)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", OPT_OUT)}
-    out = subprocess.run([sys.executable, "-c", code + "\nimport os; print(os.environ.get('XLA_FLAGS', '-'))"],
-                         env={**clean, **env}, capture_output=True, text=True, timeout=120)
+    code += "\nimport os; print(os.environ.get('XLA_FLAGS', '-'))"
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env},
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.splitlines()[-1]
 

@@ -264,7 +264,6 @@ class Geometry:
         out[z.a:z.b] = res
         return out
 
-
     def _apply_slabs(self, region: np.ndarray, linear: bool, out: np.ndarray,
                      prepare: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """The separable resampling, SLAB_ROWS output z-rows at a time: each slab's source
