@@ -25,7 +25,8 @@ machine swing with the load; CPU time per patch does not).
 Ours runs once per batch dtype (`--dtypes`, default float32 and float16): `speedup` is for
 the dtype the full-size training configs use (`data.dtype`), `speedup_by_dtype` for each.
 
-Usage: python benchmarks/data_pipeline.py [--batches 12] [--workers 0 1 2] [--dtypes ...] [--fresh]
+Usage: python benchmarks/data_pipeline.py [--batches 48] [--warmup 16] [--workers 0 1 2] [--dtypes ...]
+       [--fresh]
 """
 
 from __future__ import annotations
@@ -188,7 +189,9 @@ def reference_iterator(paths: list[str], workers: int, seed: int = 0):
 # Measuring.
 
 class PeakRSS:
-    """Peak resident memory of this process plus its worker processes, sampled every 20 ms."""
+    """Peak resident memory of this process plus its worker processes, sampled every 20 ms.
+    The process list is refreshed every 0.5 s only: listing children scans /proc (~2.5 ms of
+    CPU here), which at every sample would bill the faster contender most."""
 
     def __init__(self):
         self.peak, self._stop = 0, threading.Event()
@@ -196,9 +199,12 @@ class PeakRSS:
 
     def _run(self):
         me = psutil.Process()
+        procs, listed = [me], 0.0
         while not self._stop.is_set():
+            if time.monotonic() - listed > 0.5:
+                procs, listed = [me, *me.children(recursive=True)], time.monotonic()
             total = 0
-            for p in [me, *me.children(recursive=True)]:
+            for p in procs:
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
@@ -228,14 +234,19 @@ def cpu_seconds() -> float:
     return total
 
 
-def measure(make_iter, n_batches: int) -> dict:
-    """Steady-state throughput (wall clock) and CPU cost per patch (robust to a busy machine)."""
+def measure(make_iter, n_batches: int, warmup: int) -> dict:
+    """Steady-state throughput (wall clock) and CPU cost per patch (robust to a busy machine),
+    after `warmup` batches: worker start-up, imports and the first allocations (our workers'
+    reusable batch segments; batch_buffers.py) are reported as `startup_s`, not timed."""
     with PeakRSS() as rss:
         it = make_iter()
         t0 = time.perf_counter()
-        first = next(it)  # worker start-up and imports: not counted
-        startup = time.perf_counter() - t0
+        first = next(it)
         assert first["image"].shape[0] == BATCH
+        del first
+        for _ in range(warmup - 1):
+            next(it)
+        startup = time.perf_counter() - t0
         c0, t0 = cpu_seconds(), time.perf_counter()
         for _ in range(n_batches):
             next(it)
@@ -265,7 +276,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 200, 200))
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per setting")
+    parser.add_argument("--batches", type=int, default=48, help="timed batches per setting")
+    parser.add_argument("--warmup", type=int, default=16, help="untimed batches first (>= 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=(0, 1, 2))
     parser.add_argument("--dtypes", nargs="+", default=("float32", "float16"), choices=IMAGE_DTYPES,
                         help="our batches' dtypes (the reference's are float32)")
@@ -274,6 +286,8 @@ def main() -> int:
                         help="store chunk shape (default: the store's default)")
     parser.add_argument("--fresh", action="store_true", help="rebuild the cohort")
     args = parser.parse_args()
+    if args.warmup < 1 or args.batches < 1:
+        parser.error("--warmup and --batches must be at least 1")
     if args.fresh:
         shutil.rmtree(args.root, ignore_errors=True)
 
@@ -292,9 +306,9 @@ def main() -> int:
             config = PatchConfig.for_task("mae", patch=PATCH, dtype=dtype)
             ours[dtype][w] = measure(lambda: make_patch_iterator(
                 store_root, None, config, seed=0, batch_size=BATCH, num_workers=w,
-                process_index=0, process_count=1), args.batches)
+                process_index=0, process_count=1), args.batches, args.warmup)
             print(f"ours {dtype} workers={w}: {ours[dtype][w]}", flush=True)
-        ref[w] = measure(lambda: reference_iterator(paths, w), args.batches)
+        ref[w] = measure(lambda: reference_iterator(paths, w), args.batches, args.warmup)
         print(f"reference float32 workers={w}: {ref[w]}", flush=True)
 
     try:
@@ -310,7 +324,8 @@ def main() -> int:
     per_core = 1000 / ours[dtype][best]["cpu_ms_per_patch"]  # patches/s one busy core sustains
     result = {
         "benchmark": "data_pipeline",
-        "patch": list(PATCH), "batch": BATCH, "cases": len(paths), "shape": list(args.shape),
+        "patch": list(PATCH), "batch": BATCH, "timed_batches": args.batches,
+        "warmup_batches": args.warmup, "cases": len(paths), "shape": list(args.shape),
         "workers": best, "dtype": dtype,
         "patches_per_s": ours[dtype][best]["patches_per_s"],
         "reference_patches_per_s": ref[best]["patches_per_s"],

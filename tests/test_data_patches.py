@@ -260,3 +260,26 @@ def test_config_from_configdict_and_errors():
         PatchConfig(foreground_fraction=0.3)
     with pytest.raises(PetctError, match="data.dtype"):
         PatchConfig(dtype="bfloat16")
+
+
+@pytest.mark.parametrize("case,task,kw", [
+    ("case02", "seg", dict(augment=aug.AugmentConfig(rotate_prob=1.0, flip_prob=(1.0, 0.0, 1.0),
+                                                     noise_prob=1.0))),
+    ("case02", "mae", dict(zoom_prob=1.0)),
+    ("case00", "mae", dict(zoom_prob=0.0, dtype="float16")),
+    ("case00", "seg", dict(augment=aug.AugmentConfig(flip_prob=(0.0, 1.0, 0.0)))),
+])
+def test_sampling_into_used_batch_slots_equals_fresh_arrays(store, case, task, kw):
+    """The pipeline samples into reused batch memory: old contents must not show through
+    (padding, rotated-out corners) and flips must not read what they already wrote."""
+    rec, norm = store.record(case), make_normalizer("zscore")
+    cfg = PatchConfig.for_task(task, patch=P, **kw)
+    want = sample_patch(store, rec, cfg, norm, np.random.default_rng(11))
+    out = {"image": np.full(want["image"].shape, np.nan, cfg.dtype)}
+    if cfg.labels:
+        out["label"] = np.full(P, 255, np.uint8)
+    got = sample_patch(store, rec, cfg, norm, np.random.default_rng(11), out=out)
+    assert got["image"] is out["image"]
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+    assert np.isfinite(want["image"]).all() and (want["image"] == 0).any() == (case == "case02")

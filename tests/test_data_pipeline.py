@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from petct_jax.data import make_case_iterator, make_patch_iterator
+from petct_jax.data.batch_buffers import NAME_PREFIX, REF_KEY
 from petct_jax.data.patches import PatchConfig
 from petct_jax.data.pipeline import forced_count, global_batch
 from petct_jax.errors import PetctError
@@ -84,6 +87,30 @@ def test_worker_processes_give_the_in_process_batches(store):
     want = _take(_iter(store, SEG, seed=7), 4)
     got = _take(_iter(store, SEG, seed=7, num_workers=2), 4)
     assert _same(got, want)
+
+
+def test_worker_batches_reuse_segments_and_leave_none_behind(store):
+    """Worker batches arrive in shared segments the workers reuse (batch_buffers.py): batches
+    the trainer keeps stay intact while the workers go on (one-off segments once the rings are
+    held), dropped batches give their segment back, and closing leaves no segment behind."""
+    want = _take(_iter(store, SEG, seed=3), 70)
+    it = _iter(store, SEG, seed=3, num_workers=2)
+    names, open_batch = [], it._views.open
+    it._views.open = lambda batch: (names.append(batch[REF_KEY].name), open_batch(batch))[1]
+    held = [next(it) for _ in range(24)]  # more than both rings (2 x ring_size_for(2))
+    later = [next(it) for _ in range(6)]
+    assert _same(held, want[:24]) and _same(later, want[24:30])
+    ring = set(names[:24])
+    assert len(ring) == 24 and not ring & set(names[24:30])  # one segment per held batch
+    del held, later
+    for expected in want[30:]:
+        assert _same([next(it)], [expected])  # dropped at once
+    it.close()
+    # Batches made before the trainer let go (up to 2 x 10 in flight) are one-offs; after
+    # that the rings are reused.
+    assert set(names[-12:]) <= ring
+    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"{NAME_PREFIX}{os.getpid()}_")]
+    assert leftovers == []
 
 
 def test_foreground_share_is_exact_per_batch(store):

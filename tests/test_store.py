@@ -114,6 +114,8 @@ def test_store_pickles_and_reads_in_the_copy(root):
     s.read("a", ["pet"])  # opens handles that must not travel
     copy = pickle.loads(pickle.dumps(s))
     assert copy._arrays == {} and copy.ids == ["a"]
+    # A copy in another process (a Grain worker) decodes on one thread.
+    assert (s.concurrency, copy.concurrency, copy.worker_concurrency) == (4, 1, 1)
     assert np.array_equal(copy.read("a", ["ct"], lo=(2, 3, 4), hi=(9, 9, 9))["ct"],
                           arrays["ct"][2:9, 3:9, 4:9])
 

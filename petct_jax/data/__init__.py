@@ -1,11 +1,12 @@
 """Input pipeline: random 3D patches streamed from the store with Grain.
 
-    source.py     Grain random-access source over the store (one record per scan)
-    patches.py    PatchConfig; patch geometry, RandZoom, foreground oversampling
-    normalize.py  per-scan z-score (the paper's) and nnU-Net's CT scheme, at read time
-    augment.py    fine-tuning augmentations (flips, rotation/scaling, intensity)
-    splits.py     patient-level subsets and split files
-    pipeline.py   the Grain pipeline, its checkpointable iterator, global batches
+    source.py         Grain random-access source over the store (one record per scan)
+    patches.py        PatchConfig; patch geometry, RandZoom, foreground oversampling
+    normalize.py      per-scan z-score (the paper's) and nnU-Net's CT scheme, at read time
+    augment.py        fine-tuning augmentations (flips, rotation/scaling, intensity)
+    splits.py         patient-level subsets and split files
+    pipeline.py       the Grain pipeline, its checkpointable iterator, global batches
+    batch_buffers.py  shared batch segments that worker processes reuse (google/grain#851)
 
 Names below are imported lazily, so `from petct_jax.data import splits` does not load
 Grain (and with it JAX).

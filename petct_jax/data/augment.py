@@ -93,16 +93,6 @@ def draw_flips(cfg: AugmentConfig, rng: np.random.Generator) -> tuple[int, ...]:
     return tuple(a for a, p in enumerate(cfg.flip_prob) if p and rng.random() < p)
 
 
-def flip(array: np.ndarray, axes: tuple[int, ...], dtype: Any = None) -> np.ndarray:
-    """`array` flipped along `axes` (and converted to `dtype`) in one copy, or no copy."""
-    dtype = array.dtype if dtype is None else np.dtype(dtype)
-    if not axes:
-        return array.astype(dtype, copy=False)
-    out = np.empty(array.shape, dtype)
-    out[...] = np.flip(array, axes)
-    return out
-
-
 def intensity(x: np.ndarray, where: Any, cfg: AugmentConfig, rng: np.random.Generator) -> None:
     """Augment one normalized channel in place, only at `x[where]` (a box or a mask)."""
     if not (cfg.noise_prob or cfg.brightness_prob or cfg.contrast_prob or cfg.gamma_prob):

@@ -1,9 +1,10 @@
 """The Grain input pipeline: random patches from the store -> per-host batches -> global arrays.
 
     MapDataset.source(ScanSource).seed(seed).shuffle().repeat(num_epochs)   # global sample g
-      .map_with_index(tag g)  .random_map(sample a patch)                    # rng from (seed, g)
+      .map_with_index(tag g)  .random_map(keep the rng)                      # rng from (seed, g)
       [process_index::process_count]                                         # this host's samples
-      .batch(batch_size // process_count, drop_remainder=True)               # a local batch
+      .batch(batch_size // process_count, drop_remainder=True,               # a local batch:
+             batch_fn=PatchBatcher)                                          # patches sampled here
       [next_batch:] .to_iter_dataset(ReadOptions) .mp_prefetch(num_workers)
 
 Why batch on the MapDataset (before `to_iter_dataset`): every element the workers
@@ -12,7 +13,9 @@ g in [b*B, (b+1)*B) (B = global batch size) whatever the number of workers or ho
 the stream is deterministic for a seed, identical with 0, 1 or N workers, and restoring
 position b restarts exactly there, even with another worker count. Samples draw
 their randomness from Grain's per-record rng keyed by g (the random_map sits before the
-host slice, so hosts never share random streams).
+host slice, so hosts never share random streams). The patches themselves are sampled by the
+batch function, straight into the batch's memory: in worker processes that is a shared
+segment the worker reuses (`batch_buffers.py`), which the iterator opens as numpy views.
 
 Foreground oversampling: sample g is centred on a lesion iff its position in the global
 batch, g mod B, is among the last `B - round(B * (1 - foreground_fraction))` positions
@@ -45,12 +48,15 @@ sit under `if __name__ == "__main__":` so that the re-imported main module does 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 from typing import Any, Iterable, Mapping
 
 import grain
 import numpy as np
 
+from petct_jax.data.batch_buffers import BatchBuffers, BatchViews, init_worker_process, ring_size_for
 from petct_jax.data.normalize import Normalizer, make_normalizer
 from petct_jax.data.patches import PatchConfig, sample_patch
 from petct_jax.data.source import ScanSource, load_case, open_store
@@ -75,26 +81,39 @@ def _tag(index: int, record: dict) -> tuple[int, dict]:
     return index, record
 
 
-class PatchTransform:
-    """Grain `random_map`: (global index, record) -> patch dict. Picklable."""
+def _keep_rng(element: tuple[int, dict], rng: np.random.Generator) -> tuple[int, dict, np.random.Generator]:
+    """Grain `random_map`: a copy of sample g's generator (Grain reuses its own afterwards)."""
+    return (*element, copy.deepcopy(rng))
+
+
+class PatchBatcher:
+    """Grain `batch_fn`: [(global index, record, rng), ...] -> one batch of patches, each
+    sampled into its slot of the batch's arrays (`BatchBuffers`). Picklable."""
 
     def __init__(self, store: Store, config: PatchConfig, normalizer: Normalizer,
                  batch_size: int, with_ids: bool = False):
         self.store, self.config, self.normalizer = store, config, normalizer
         self.batch_size, self.with_ids = batch_size, with_ids
         self.first_forced = batch_size - forced_count(batch_size, config.foreground_fraction)
+        self.buffers = BatchBuffers()
 
     def force_foreground(self, index: int) -> bool:
         return index % self.batch_size >= self.first_forced
 
-    def __call__(self, element: tuple[int, dict], rng: np.random.Generator) -> dict:
-        index, record = element
-        out = sample_patch(self.store, record, self.config, self.normalizer, rng,
-                           force_foreground=self.force_foreground(index))
+    def __call__(self, elements: list[tuple[int, dict, np.random.Generator]]) -> dict:
+        patch, n = self.config.patch, len(elements)
+        spec = {"image": ((n, *patch, len(self.config.channels)), self.config.dtype)}
+        if self.config.labels:
+            spec["label"] = ((n, *patch), np.uint8)
+        arrays, batch = self.buffers.new(spec)
+        for j, (index, record, rng) in enumerate(elements):
+            sample_patch(self.store, record, self.config, self.normalizer, rng,
+                         force_foreground=self.force_foreground(index),
+                         out={k: v[j] for k, v in arrays.items()})
         if self.with_ids:
-            out["case"] = np.asarray(record["id"])
-            out["index"] = np.asarray(index, dtype=np.int32)
-        return out
+            batch["case"] = np.asarray([record["id"] for _, record, _ in elements])
+            batch["index"] = np.asarray([index for index, _, _ in elements], dtype=np.int32)
+        return batch
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -118,13 +137,13 @@ def patch_dataset(store: Store | str, ids: Iterable[str] | None, config: PatchCo
     source = ScanSource(store, ids, require=("seg",) if config.labels else ())
     if normalizer is None:
         normalizer = make_normalizer(config.normalization, [source[i] for i in range(len(source))])
-    transform = PatchTransform(source.store, config, normalizer, batch_size, with_ids)
+    batcher = PatchBatcher(source.store, config, normalizer, batch_size, with_ids)
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-    ds = ds.map_with_index(_tag).random_map(transform)
+    ds = ds.map_with_index(_tag).random_map(_keep_rng)
     if num_epochs is not None:  # every host must see the same number of batches
         ds = ds[: len(ds) // batch_size * batch_size]
     ds = ds[process_index::process_count]
-    return ds.batch(batch_size // process_count, drop_remainder=True)
+    return ds.batch(batch_size // process_count, drop_remainder=True, batch_fn=batcher)
 
 
 class PatchIterator(grain.DatasetIterator):
@@ -141,6 +160,7 @@ class PatchIterator(grain.DatasetIterator):
         self._fingerprint = dict(fingerprint or {})
         self._next_batch = 0
         self._it: grain.DatasetIterator | None = None
+        self._views = BatchViews()  # maps the workers' batch segments
         self.normalizer, self.config = normalizer, config
 
     def _open(self) -> None:
@@ -149,14 +169,16 @@ class PatchIterator(grain.DatasetIterator):
         if self._num_workers:
             allow_worker_processes()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self._num_workers, per_worker_buffer_size=self._buffer))
+                num_workers=self._num_workers, per_worker_buffer_size=self._buffer),
+                worker_init_fn=functools.partial(
+                    init_worker_process, ring_size_for(self._buffer, self._read_threads)))
         self._it = iter(ds)
 
     def __next__(self) -> dict:
         self._assert_not_closed()
         if self._it is None:
             self._open()
-        batch = next(self._it)
+        batch = self._views.open(next(self._it))
         self._next_batch += 1
         return batch
 
@@ -180,6 +202,7 @@ class PatchIterator(grain.DatasetIterator):
         if self._it is not None:
             self._it.close()
             self._it = None
+        self._views.close()
 
     def close(self) -> None:
         self._stop()

@@ -1,0 +1,106 @@
+"""Reused shared batch segments (worker side and trainer side in one process)."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+
+from petct_jax.data import batch_buffers as bb
+
+SPEC = {"image": ((2, 4, 5, 3), "float32"), "label": ((2, 4, 5), "uint8")}
+RING = 2
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """BatchBuffers as in a Grain worker process with a ring of RING segments."""
+    monkeypatch.setattr(bb, "_ring_size", RING)
+    buffers = bb.BatchBuffers()
+    yield buffers
+    if buffers._created is not None:
+        buffers._created.unlink_unread()
+
+
+def _fill(buffers: bb.BatchBuffers, value: int) -> dict:
+    arrays, batch = buffers.new(SPEC)
+    for a in arrays.values():
+        a[...] = value
+    return batch  # what the worker returns to Grain: the arrays are dropped here
+
+
+def _name(batch: dict) -> str:
+    return batch[bb.REF_KEY].name
+
+
+def _exists(name: str) -> bool:
+    try:
+        shared_memory.SharedMemory(name).close()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def test_outside_a_worker_batches_are_plain_arrays():
+    arrays, batch = bb.BatchBuffers().new(SPEC)
+    assert batch.keys() == arrays.keys() == SPEC.keys()
+    assert type(batch["image"]) is np.ndarray and batch["image"].shape == (2, 4, 5, 3)
+    assert batch["label"].dtype == np.uint8
+
+
+def test_a_batch_crosses_as_a_small_ref_and_opens_as_aligned_views(worker):
+    batch = pickle.loads(pickle.dumps(_fill(worker, 3)))
+    assert list(batch) == [bb.REF_KEY] and len(pickle.dumps(batch)) < 600
+    got = bb.BatchViews().open({**batch, "case": np.asarray(["a", "b"])})
+    assert got["image"].shape == (2, 4, 5, 3) and got["image"].dtype == np.float32
+    assert got["label"].shape == (2, 4, 5) and got["label"].dtype == np.uint8
+    assert (got["image"] == 3).all() and (got["label"] == 3).all()
+    assert list(got["case"]) == ["a", "b"] and bb.REF_KEY not in got
+    assert all(a.ctypes.data % bb.ALIGN == 0 for a in (got["image"], got["label"]))
+    assert not _exists(_name(batch))  # the trainer unlinked the name when it mapped it
+
+
+def test_a_segment_is_reused_once_the_trainer_drops_its_batch(worker):
+    views = bb.BatchViews()
+    first = _fill(worker, 1)
+    opened = views.open(first)
+    image = opened["image"][0]  # a view of a view keeps the segment in use
+    del opened
+    gc.collect()
+    assert _name(_fill(worker, 2)) != _name(first)
+    del image
+    gc.collect()
+    again = _fill(worker, 5)
+    assert _name(again) == _name(first)
+    assert (views.open(again)["image"] == 5).all()
+
+
+def test_a_held_batch_is_never_overwritten(worker):
+    """With the whole ring held by the trainer the worker makes one-off segments."""
+    views = bb.BatchViews()
+    held = [views.open(_fill(worker, v)) for v in (1, 2)]
+    one_offs = [_fill(worker, v) for v in (7, 8, 9)]
+    assert len({_name(b) for b in one_offs}) == 3
+    for v, batch in zip((7, 8, 9), one_offs):
+        got = views.open(batch)
+        assert (got["image"] == v).all()
+        assert _name(batch) not in views._mapped  # closed when its views die, not cached
+    assert (held[0]["image"] == 1).all() and (held[1]["label"] == 2).all()
+
+
+def test_segments_never_read_are_unlinked_when_the_worker_exits(worker):
+    unread = _name(_fill(worker, 1))
+    read = _fill(worker, 2)
+    bb.BatchViews().open(read)
+    assert _exists(unread)
+    worker._created.unlink_unread()
+    assert not _exists(unread) and not _exists(_name(read))
+    late = _fill(worker, 3)  # a prefetch thread still running: unlinked at once
+    assert not _exists(_name(late))
+
+
+def test_ring_size_covers_grain_buffers_and_two_held_batches():
+    assert bb.ring_size_for(2) == 10 and bb.ring_size_for(2, read_threads=4) == 12
