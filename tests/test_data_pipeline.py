@@ -82,10 +82,12 @@ def test_orbax_checkpoint_round_trip(store, tmp_path):
     assert _same(_take(fresh, 2), want)
 
 
-def test_worker_processes_give_the_in_process_batches(store):
-    """Batches are formed before the worker split: 2 workers = in-process, batch for batch."""
-    want = _take(_iter(store, SEG, seed=7), 4)
-    got = _take(_iter(store, SEG, seed=7, num_workers=2), 4)
+@pytest.mark.parametrize("read_threads", [1, 3])
+def test_worker_processes_give_the_in_process_batches(store, read_threads):
+    """Batches are formed before the worker split: 2 workers = in-process, batch for batch
+    (also with several batches sampled at once in each worker, into its shared segments)."""
+    want = _take(_iter(store, SEG, seed=7), 12)
+    got = _take(_iter(store, SEG, seed=7, num_workers=2, read_threads=read_threads), 12)
     assert _same(got, want)
 
 
