@@ -130,7 +130,13 @@ def patch_dataset(store: Store | str, ids: Iterable[str] | None, config: PatchCo
                   seed: int, batch_size: int, process_index: int = 0, process_count: int = 1,
                   num_epochs: int | None = None, normalizer: Normalizer | None = None,
                   with_ids: bool = False) -> grain.MapDataset:
-    """This host's batches as a Grain MapDataset (element b = local batch b)."""
+    """This host's batches as a Grain MapDataset (element b = local batch b).
+
+    `PatchIterator` (`make_patch_iterator`) runs it. To run it through your own
+    `mp_prefetch`, pass `functools.partial(batch_buffers.init_worker_process, ring_size)` as
+    `worker_init_fn` and open each batch with a `batch_buffers.BatchViews` (the workers then
+    send their batches as shared segments); without the init function workers return plain
+    numpy batches, which Grain copies into new shared memory."""
     if batch_size < 1 or batch_size % process_count:
         raise PetctError(f"batch_size={batch_size} (global) is not divisible by the "
                          f"{process_count} processes")
