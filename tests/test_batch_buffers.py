@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from petct_jax.data import batch_buffers as bb
+from petct_jax.errors import PetctError
 
 SPEC = {"image": ((2, 4, 5, 3), "float32"), "label": ((2, 4, 5), "uint8")}
 RING = 2
@@ -104,3 +105,10 @@ def test_segments_never_read_are_unlinked_when_the_worker_exits(worker):
 
 def test_ring_size_covers_grain_buffers_and_two_held_batches():
     assert bb.ring_size_for(2) == 10 and bb.ring_size_for(2, read_threads=4) == 12
+
+
+def test_a_full_shared_memory_filesystem_is_a_clear_error(tmp_path, monkeypatch):
+    bb.check_shared_memory(1 << 20, str(tmp_path))  # room enough: no error
+    bb.check_shared_memory(1 << 60, str(tmp_path / "absent"))  # no such filesystem: not Linux
+    with pytest.raises(PetctError, match="shm-size.*data.num_workers"):
+        bb.check_shared_memory(1 << 60, str(tmp_path))

@@ -31,11 +31,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from petct_jax.errors import PetctError
+
 FREE, IN_USE, ONE_OFF = 0, 1, 2
 HEADER = 64  # bytes before the first array; arrays start 64-byte aligned
 ALIGN = 64
 REF_KEY = "_batch_ref"  # where a worker's batch carries its BatchRef
 NAME_PREFIX = "petct_"  # segment names: petct_<trainer pid>_<random>
+SHM_DIR = "/dev/shm"  # where Linux keeps the segments (a tmpfs; containers often make it small)
 
 _ring_size = 0  # > 0 in a Grain worker process: batches go to shared segments
 
@@ -77,6 +80,19 @@ def _layout(spec: Spec) -> tuple[tuple, int]:
 def _views(buffer: Any, layout: tuple) -> dict[str, np.ndarray]:
     return {key: np.ndarray(shape, np.dtype(dtype), buffer=buffer, offset=offset)
             for key, offset, shape, dtype in layout}
+
+
+def check_shared_memory(size: int, shm_dir: str = SHM_DIR) -> None:
+    """Refuse a segment that the shared-memory filesystem has no room for: writing into it
+    would kill the worker with SIGBUS instead of an error."""
+    if not os.path.isdir(shm_dir):
+        return  # not Linux: the system sizes shared memory itself
+    stat = os.statvfs(shm_dir)
+    free = stat.f_bavail * stat.f_frsize
+    if free < size:
+        raise PetctError(f"{shm_dir} has {free / 2**20:.0f} MiB free, a batch needs {size / 2**20:.0f} "
+                         "MiB: give it more (docker run --shm-size=...) or lower data.num_workers, "
+                         "the batch size or the patch")
 
 
 def _closed(shm: shared_memory.SharedMemory) -> bool:
@@ -157,6 +173,7 @@ class BatchBuffers:
         return shm, layout
 
     def _create(self, size: int) -> shared_memory.SharedMemory:
+        check_shared_memory(size)
         if self._created is None:  # the first segment: clean up when the process exits
             self._created = _Created()
             util.Finalize(self, self._created.unlink_unread, exitpriority=10)
