@@ -92,6 +92,20 @@ def test_a_held_batch_is_never_overwritten(worker):
     assert (held[0]["image"] == 1).all() and (held[1]["label"] == 2).all()
 
 
+def test_a_one_off_stays_mapped_while_its_arrays_live(worker):
+    """Grain's read threads fill several batches at once: making the next batch must not
+    unmap a one-off still being filled (numpy arrays do not pin a SharedMemory's mapping)."""
+    views = bb.BatchViews()
+    held = [views.open(_fill(worker, v)) for v in (1, 2)]  # the whole ring
+    arrays, batch = worker.new(SPEC)  # a one-off, being filled...
+    later = _fill(worker, 6)  # ...while another batch is made
+    arrays["image"][...] = 4  # a segfault if the one-off had been unmapped
+    arrays["label"][...] = 4
+    del arrays
+    assert (views.open(batch)["image"] == 4).all() and (views.open(later)["label"] == 6).all()
+    assert (held[0]["image"] == 1).all()
+
+
 def test_segments_never_read_are_unlinked_when_the_worker_exits(worker):
     unread = _name(_fill(worker, 1))
     read = _fill(worker, 2)

@@ -37,6 +37,11 @@ def _take(it, n):
     return out
 
 
+def _leftover_segments():
+    """Batch segments of this process's workers still in /dev/shm (none once closed)."""
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"{NAME_PREFIX}{os.getpid()}_")]
+
+
 def _same(a, b):
     return all(np.array_equal(x[k], y[k]) for x, y in zip(a, b) for k in x) and len(a) == len(b)
 
@@ -89,6 +94,7 @@ def test_worker_processes_give_the_in_process_batches(store, read_threads):
     want = _take(_iter(store, SEG, seed=7), 12)
     got = _take(_iter(store, SEG, seed=7, num_workers=2, read_threads=read_threads), 12)
     assert _same(got, want)
+    assert _leftover_segments() == []  # a worker that died (e.g. SIGSEGV) leaves its segments
 
 
 def test_worker_batches_reuse_segments_and_leave_none_behind(store):
@@ -111,8 +117,7 @@ def test_worker_batches_reuse_segments_and_leave_none_behind(store):
     # Batches made before the trainer let go (up to 2 x 10 in flight) are one-offs; after
     # that the rings are reused.
     assert set(names[-12:]) <= ring
-    leftovers = [f for f in os.listdir("/dev/shm") if f.startswith(f"{NAME_PREFIX}{os.getpid()}_")]
-    assert leftovers == []
+    assert _leftover_segments() == []
 
 
 def test_foreground_share_is_exact_per_batch(store):

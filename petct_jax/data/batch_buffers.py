@@ -95,15 +95,6 @@ def check_shared_memory(size: int, shm_dir: str = SHM_DIR) -> None:
                          "the batch size or the patch")
 
 
-def _closed(shm: shared_memory.SharedMemory) -> bool:
-    """Close our mapping of a one-off segment unless its arrays are still being filled."""
-    try:
-        shm.close()
-        return True
-    except BufferError:
-        return False
-
-
 class _Created:
     """The names of the segments a process made, unlinked when it exits (those the trainer
     opened are unlinked already). A segment made after that (a Grain prefetch thread still
@@ -140,7 +131,6 @@ class BatchBuffers:
     def __init__(self):
         self._lock = threading.Lock()
         self._ring: list[shared_memory.SharedMemory] = []
-        self._one_offs: list[shared_memory.SharedMemory] = []  # to close once filled
         self._created: _Created | None = None
 
     def __getstate__(self) -> dict:
@@ -153,13 +143,17 @@ class BatchBuffers:
         if not _ring_size:
             arrays = {k: np.empty(shape, dtype) for k, (shape, dtype) in spec.items()}
             return arrays, dict(arrays)
-        with self._lock:  # views made under the lock: no other thread closes a one-off first
-            shm, layout = self._segment(spec)
-            return _views(shm.buf, layout), {REF_KEY: BatchRef(shm.name, layout)}
-
-    def _segment(self, spec: Spec) -> tuple[shared_memory.SharedMemory, tuple]:
-        self._one_offs = [s for s in self._one_offs if not _closed(s)]
         layout, size = _layout(spec)
+        with self._lock:
+            shm = self._segment(size)
+        whole = np.ndarray((size,), np.uint8, buffer=shm.buf)
+        if shm.buf[0] == ONE_OFF:
+            # numpy arrays do not pin the mapping (shm.close() would succeed under them): a
+            # one-off is closed when the last array over it is gone, not before.
+            weakref.finalize(whole, shm.close)
+        return _views(whole, layout), {REF_KEY: BatchRef(shm.name, layout)}
+
+    def _segment(self, size: int) -> shared_memory.SharedMemory:
         shm = next((s for s in self._ring if s.size == size and s.buf[0] == FREE), None)
         if shm is None:
             shm = self._create(size)
@@ -167,10 +161,9 @@ class BatchBuffers:
                 self._ring.append(shm)
             else:  # the trainer holds the whole ring
                 shm.buf[0] = ONE_OFF
-                self._one_offs.append(shm)
         if shm.buf[0] == FREE:
             shm.buf[0] = IN_USE
-        return shm, layout
+        return shm
 
     def _create(self, size: int) -> shared_memory.SharedMemory:
         check_shared_memory(size)
