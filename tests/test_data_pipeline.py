@@ -169,6 +169,22 @@ def test_global_batch_on_one_device(store):
     assert isinstance(out["case"], np.ndarray)  # strings stay on the host
 
 
+def test_a_global_batch_keeps_its_worker_segment(store):
+    """On CPU, jax arrays may alias the batch's shared memory: the segment must not go back to
+    the worker (and be overwritten) while such an array lives."""
+    import jax
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    want = _take(_iter(store, MAE, seed=5), 1)[0]
+    it = _iter(store, MAE, seed=5, num_workers=2)
+    out = global_batch(next(it), mesh)  # the numpy batch is dropped at once
+    for _ in range(30):  # more than both rings: every free segment is rewritten
+        next(it)
+    it.close()
+    np.testing.assert_array_equal(np.asarray(out["image"]), want["image"])
+
+
 def test_case_iterator_yields_whole_cases_in_order(store):
     cases = list(make_case_iterator(store, ["case02", "case00"], {"patch": P}, task="seg"))
     assert [c["case"] for c in cases] == ["case02", "case00"]
