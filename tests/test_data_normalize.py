@@ -79,3 +79,22 @@ def test_channel_selection(stores):
             check_channels(bad)
     with pytest.raises(PetctError, match="normalization"):
         make_normalizer("minmax")
+
+
+@pytest.mark.parametrize("scheme", ["zscore", "nnunet"])
+def test_writing_into_a_patch_channel_equals_a_new_array(stores, scheme):
+    """`out` may be a strided channel of a channels-last patch or a contiguous array (a
+    single-channel patch); either way it holds what a new array would, and the stored
+    array is left alone."""
+    store = stores[0]
+    norm, rec = make_normalizer(scheme, store.records), store.record(store.ids[0])
+    for name in ("pet", "ct"):
+        stored = read_all(store, rec["id"])[name]
+        kept = stored.copy()
+        want = norm(name, stored, rec)
+        patch = np.full((*stored.shape, 2), np.nan, np.float32)
+        single = np.full((*stored.shape, 1), np.nan, np.float32)
+        norm(name, stored, rec, out=patch[..., 1])
+        norm(name, stored, rec, out=single[..., 0])
+        assert np.array_equal(patch[..., 1], want) and np.isnan(patch[..., 0]).all()
+        assert np.array_equal(single[..., 0], want) and np.array_equal(stored, kept)
