@@ -14,7 +14,8 @@ write into it again. A worker whose whole ring is in use (a trainer holding many
 makes a one-off segment instead: it never waits for the trainer.
 
 Byte 0 of a segment says who owns it: FREE (the worker may write), IN_USE (sent; views may
-be alive) or ONE_OFF (not in a ring: the trainer closes it when the views die). Segments
+be alive) or ONE_OFF (not in a ring: each process closes its mapping once its arrays over it
+are gone; numpy arrays do not keep a SharedMemory mapping open). Segments
 whose batch never reached the trainer (still queued when the iterator closed) are unlinked
 by their worker as it exits.
 """
