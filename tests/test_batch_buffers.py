@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import os
 import pickle
+import subprocess
+import sys
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -117,6 +120,26 @@ def test_segments_never_read_are_unlinked_when_the_worker_exits(worker):
     assert not _exists(_name(late))
 
 
+ORPHAN = """
+from multiprocessing import resource_tracker
+resource_tracker.register = resource_tracker.unregister = lambda *a: None  # nobody else unlinks
+from petct_jax.data import batch_buffers as bb
+bb._ring_size = 2
+buffers = bb.BatchBuffers()
+names = [buffers.new({"x": ((4,), "float32")})[1][bb.REF_KEY].name for _ in range(3)]
+print(" ".join(names), flush=True)  # two ring segments and a one-off, none read
+bb._exit_without_trainer(trainer=-1)  # not this process's parent: as if the trainer had died
+"""
+
+
+def test_a_worker_whose_trainer_died_unlinks_its_segments_and_exits():
+    """What a Grain worker does once its trainer is gone (test_data_pipeline.py kills one)."""
+    run = subprocess.run([sys.executable, "-c", ORPHAN], capture_output=True, text=True, timeout=120)
+    names = run.stdout.split()
+    assert run.returncode == 1 and len(names) == 3, run.stderr
+    assert not any(map(_exists, names))
+
+
 def test_ring_size_covers_grain_buffers_and_two_held_batches():
     assert bb.ring_size_for(2) == 10 and bb.ring_size_for(2, read_threads=4) == 12
 
@@ -124,5 +147,14 @@ def test_ring_size_covers_grain_buffers_and_two_held_batches():
 def test_a_full_shared_memory_filesystem_is_a_clear_error(tmp_path, monkeypatch):
     bb.check_shared_memory(1 << 20, str(tmp_path))  # room enough: no error
     bb.check_shared_memory(1 << 60, str(tmp_path / "absent"))  # no such filesystem: not Linux
-    with pytest.raises(PetctError, match="shm-size.*data.num_workers"):
+    with pytest.raises(PetctError, match="shm-size.*data.num_workers") as err:
+        bb.check_shared_memory(1 << 60, str(tmp_path))
+    assert "no longer running" not in str(err.value)
+    # Segments of a trainer that is gone are pointed out (a pid above any pid_max is never
+    # running); those of running processes and other files are not.
+    (tmp_path / f"{bb.NAME_PREFIX}99999999_ab12").write_bytes(b"x" * (3 << 20))
+    (tmp_path / f"{bb.NAME_PREFIX}{os.getpid()}_cd34").write_bytes(b"x")
+    (tmp_path / "sem.mp-xyz").write_bytes(b"x")
+    assert bb.orphaned_segments(str(tmp_path)) == [f"{bb.NAME_PREFIX}99999999_ab12"]
+    with pytest.raises(PetctError, match=r"3 MiB of it are segments of trainers no longer run"):
         bb.check_shared_memory(1 << 60, str(tmp_path))

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -118,6 +123,81 @@ def test_worker_batches_reuse_segments_and_leave_none_behind(store):
     # that the rings are reused.
     assert set(names[-12:]) <= ring
     assert _leftover_segments() == []
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+        return state, int(ppid)
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _grain_workers(parent: int) -> list[int]:
+    workers = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                spawned = b"spawn_main" in f.read()
+        except OSError:
+            continue
+        if spawned and _alive(int(entry)) and _stat(int(entry))[1] == parent:
+            workers.append(int(entry))
+    return workers
+
+
+TRAINER = """
+import sys, time
+from petct_jax.data import make_patch_iterator
+from petct_jax.data.patches import PatchConfig
+
+if __name__ == "__main__":
+    it = make_patch_iterator(sys.argv[1], None, PatchConfig.for_task("mae", patch=(16, 16, 16)),
+                             task="mae", seed=0, batch_size=2, process_index=0, process_count=1,
+                             num_workers=2)
+    held = [next(it) for _ in range(3)]
+    print("running", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_workers_of_a_killed_trainer_exit_and_unlink_their_segments(store, tmp_path):
+    """SIGKILL gives the trainer no chance to stop its Grain workers; they notice that it is
+    gone, unlink their batch segments and exit (without that they wait on their queue for
+    ever, holding their memory and segments). That the workers themselves unlink is tested in
+    test_batch_buffers.py; here the trainer's resource tracker stays alive, as it must to
+    unlink the trainer's semaphores."""
+    script = tmp_path / "trainer.py"
+    script.write_text(textwrap.dedent(TRAINER))
+    trainer = subprocess.Popen([sys.executable, str(script), store.root], stdout=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        assert trainer.stdout.readline().strip() == "running"
+        workers = _grain_workers(trainer.pid)
+        prefix = f"{NAME_PREFIX}{trainer.pid}_"
+        assert len(workers) == 2
+        assert any(f.startswith(prefix) for f in os.listdir("/dev/shm"))  # queued batches
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 30
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, workers))
+        assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix)] == []
+    finally:  # whatever is left (orphaned workers would otherwise outlive the test run)
+        for pid in [trainer.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:  # gone already
+                pass
 
 
 def test_foreground_share_is_exact_per_batch(store):

@@ -13,6 +13,11 @@ the last view is gone, a finalizer marks the segment free, and only then does th
 write into it again. A worker whose whole ring is in use (a trainer holding many batches)
 makes a one-off segment instead: it never waits for the trainer.
 
+A trainer killed outright (SIGKILL, the OOM killer, a preempted job) never tells its Grain
+workers to stop: they would wait on their full queue forever, holding their memory and
+segments. Each worker therefore watches its parent and, once it is gone, unlinks its
+segments and exits.
+
 Byte 0 of a segment says who owns it: FREE (the worker may write), IN_USE (sent; views may
 be alive) or ONE_OFF (not in a ring: each process closes its mapping once its arrays over it
 are gone; numpy arrays do not keep a SharedMemory mapping open). Segments
@@ -26,6 +31,7 @@ import dataclasses
 import os
 import secrets
 import threading
+import time
 import weakref
 from multiprocessing import shared_memory, util
 from typing import Any, Mapping
@@ -41,14 +47,31 @@ REF_KEY = "_batch_ref"  # where a worker's batch carries its BatchRef
 NAME_PREFIX = "petct_"  # segment names: petct_<trainer pid>_<random>
 SHM_DIR = "/dev/shm"  # where Linux keeps the segments (a tmpfs; containers often make it small)
 
+TRAINER_CHECK_S = 1.0  # how often a worker checks that its trainer is still alive
+
 _ring_size = 0  # > 0 in a Grain worker process: batches go to shared segments
+_created_here: list["_Created"] = []  # this process's segment names, for a hasty exit
 
 
 def init_worker_process(ring_size: int, worker_index: int = 0, worker_count: int = 1) -> None:
     """Grain `worker_init_fn` (bind `ring_size` with functools.partial): batches made in this
-    process go to shared segments, at most `ring_size` of them reused."""
+    process go to shared segments, at most `ring_size` of them reused; the process exits
+    when its trainer is gone."""
     global _ring_size
     _ring_size = int(ring_size)
+    threading.Thread(target=_exit_without_trainer, args=(os.getppid(),),
+                     name="petct-trainer-watch", daemon=True).start()
+
+
+def _exit_without_trainer(trainer: int) -> None:
+    """Wait until this process's parent (the trainer) has died, then unlink the segments
+    this process made and exit. A dead parent's children are handed to init (or a
+    subreaper), so the parent pid changes."""
+    while os.getppid() == trainer:
+        time.sleep(TRAINER_CHECK_S)
+    for created in list(_created_here):
+        created.unlink_unread()
+    os._exit(1)
 
 
 def ring_size_for(buffer: int, read_threads: int = 1) -> int:
@@ -91,9 +114,31 @@ def check_shared_memory(size: int, shm_dir: str = SHM_DIR) -> None:
     stat = os.statvfs(shm_dir)
     free = stat.f_bavail * stat.f_frsize
     if free < size:
+        stale = orphaned_segments(shm_dir)
+        held = sum(os.path.getsize(os.path.join(shm_dir, f)) for f in stale)
+        hint = (f"; {held / 2**20:.0f} MiB of it are segments of trainers no longer running "
+                f"here ({len(stale)} files, rm {shm_dir}/{NAME_PREFIX}<pid>_*)") if stale else ""
         raise PetctError(f"{shm_dir} has {free / 2**20:.0f} MiB free, a batch needs {size / 2**20:.0f} "
                          "MiB: give it more (docker run --shm-size=...) or lower data.num_workers, "
-                         "the batch size or the patch")
+                         f"the batch size or the patch{hint}")
+
+
+def orphaned_segments(shm_dir: str = SHM_DIR) -> list[str]:
+    """Batch segments named after a trainer pid that is not running (left when a trainer and
+    its workers were killed together). Only reported, never removed here: in a container
+    sharing /dev/shm but not the pid namespace, a pid that is not ours may be running."""
+    found = []
+    for name in os.listdir(shm_dir):
+        pid = name[len(NAME_PREFIX):].split("_")[0]
+        if not name.startswith(NAME_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            found.append(name)
+        except PermissionError:  # running, as another user
+            pass
+    return sorted(found)
 
 
 class _Created:
@@ -170,6 +215,7 @@ class BatchBuffers:
         check_shared_memory(size)
         if self._created is None:  # the first segment: clean up when the process exits
             self._created = _Created()
+            _created_here.append(self._created)
             util.Finalize(self, self._created.unlink_unread, exitpriority=10)
         while True:  # named after the trainer, so that leftovers are easy to tell
             try:
