@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from petct_jax import store
 from petct_jax.errors import PetctError
+from petct_jax.parent_watch import exit_with_parent
 from preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
 from preprocessing.readers import LAYOUTS, CaseSpec, list_cases
 
@@ -160,7 +161,9 @@ def preprocess(input_path: str, root: str, *, layout: str = "auto",
 
 def _run_pool(todo: list[CaseSpec], args: tuple, workers: int, root: str, summary: Summary,
               bar: tqdm) -> None:
-    pool = cf.ProcessPoolExecutor(max_workers=workers,
+    # Workers end with this process: killed outright, it would leave them running a case
+    # that the next run redoes.
+    pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent,
                                   mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = {pool.submit(process_case, spec, *args): spec for spec in todo}

@@ -128,7 +128,8 @@ bb._ring_size = 2
 buffers = bb.BatchBuffers()
 names = [buffers.new({"x": ((4,), "float32")})[1][bb.REF_KEY].name for _ in range(3)]
 print(" ".join(names), flush=True)  # two ring segments and a one-off, none read
-bb._exit_without_trainer(trainer=-1)  # not this process's parent: as if the trainer had died
+from petct_jax import parent_watch
+parent_watch._exit_when_orphaned(-1, bb.unlink_created)  # -1 is no parent: the trainer died
 """
 
 

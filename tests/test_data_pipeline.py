@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from petct_jax.data.batch_buffers import NAME_PREFIX, REF_KEY
 from petct_jax.data.patches import PatchConfig
 from petct_jax.data.pipeline import forced_count, global_batch
 from petct_jax.errors import PetctError
+from process_helpers import HAS_PROC, alive, kill_all, spawned_workers
 from test_data_helpers import make_store
 
 P = (16, 16, 16)
@@ -125,32 +125,8 @@ def test_worker_batches_reuse_segments_and_leave_none_behind(store):
     assert _leftover_segments() == []
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, None once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
-        return state, int(ppid)
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    stat = _stat(pid)
-    return stat is not None and stat[0] != "Z"
-
-
-def _grain_workers(parent: int) -> list[int]:
-    workers = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                spawned = b"spawn_main" in f.read()
-        except OSError:
-            continue
-        if spawned and _alive(int(entry)) and _stat(int(entry))[1] == parent:
-            workers.append(int(entry))
-    return workers
+def _segments(prefix: str) -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
 
 
 TRAINER = """
@@ -168,7 +144,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc")
 def test_workers_of_a_killed_trainer_exit_and_unlink_their_segments(store, tmp_path):
     """SIGKILL gives the trainer no chance to stop its Grain workers; they notice that it is
     gone, unlink their batch segments and exit (without that they wait on their queue for
@@ -181,23 +157,22 @@ def test_workers_of_a_killed_trainer_exit_and_unlink_their_segments(store, tmp_p
     workers: list[int] = []
     try:
         assert trainer.stdout.readline().strip() == "running"
-        workers = _grain_workers(trainer.pid)
+        workers = spawned_workers(trainer.pid)
         prefix = f"{NAME_PREFIX}{trainer.pid}_"
         assert len(workers) == 2
-        assert any(f.startswith(prefix) for f in os.listdir("/dev/shm"))  # queued batches
+        deadline = time.monotonic() + 30
+        while not _segments(prefix) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the workers fill their queues (batches not yet opened)
+        assert _segments(prefix)
         trainer.kill()
         trainer.wait()
         deadline = time.monotonic() + 30
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
+        while any(map(alive, workers)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(map(_alive, workers))
-        assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix)] == []
+        assert not any(map(alive, workers))
+        assert _segments(prefix) == []
     finally:  # whatever is left (orphaned workers would otherwise outlive the test run)
-        for pid in [trainer.pid, *workers]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:  # gone already
-                pass
+        kill_all([trainer.pid, *workers])
 
 
 def test_foreground_share_is_exact_per_batch(store):

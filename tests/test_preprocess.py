@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import nifti_scenes as ns
+from process_helpers import HAS_PROC, alive, kill_all, spawned_workers
 from petct_jax import cli, store
 from petct_jax.errors import PetctError
 from preprocessing import readers
@@ -309,7 +310,13 @@ def test_resume_after_an_interrupted_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_killing_a_parallel_run(tmp_path):
+@pytest.mark.parametrize("kill", ["group", "parent"])
+def test_resume_after_killing_a_parallel_run(tmp_path, kill):
+    """Killed with its workers (the whole process group), or alone (e.g. by the OOM killer):
+    then its workers exit by themselves (`petct_jax.parent_watch`) instead of waiting for
+    work for ever, and the resumed run commits every case exactly once."""
+    if kill == "parent" and not HAS_PROC:
+        pytest.skip("finds the workers in /proc")
     raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
     shape = (72, 56, 88)
     for n in range(8):
@@ -326,8 +333,19 @@ def test_resume_after_killing_a_parallel_run(tmp_path):
         if os.path.exists(manifest) and open(manifest).read().count("\n") >= 1:
             break
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the run's own process group: parent and its workers
+    workers = spawned_workers(proc.pid) if HAS_PROC else []
+    assert len(workers) == 2 or not HAS_PROC
+    if kill == "group":
+        os.killpg(proc.pid, signal.SIGKILL)  # the run's own process group: parent and its workers
+    else:
+        proc.kill()
     proc.wait()
+    deadline = time.time() + 30
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    survivors = [w for w in workers if alive(w)]
+    kill_all(survivors)
+    assert survivors == [], "workers outlived their parent"
     killed_after = len(_committed_lines(out))
     assert 1 <= killed_after < 8, killed_after
     resumed = preprocess(raw, out, workers=1, progress=False)

@@ -15,8 +15,8 @@ makes a one-off segment instead: it never waits for the trainer.
 
 A trainer killed outright (SIGKILL, the OOM killer, a preempted job) never tells its Grain
 workers to stop: they would wait on their full queue forever, holding their memory and
-segments. Each worker therefore watches its parent and, once it is gone, unlinks its
-segments and exits.
+segments. Each worker therefore watches its parent (`petct_jax.parent_watch`) and, once it
+is gone, unlinks its segments and exits.
 
 Byte 0 of a segment says who owns it: FREE (the worker may write), IN_USE (sent; views may
 be alive) or ONE_OFF (not in a ring: each process closes its mapping once its arrays over it
@@ -31,7 +31,6 @@ import dataclasses
 import os
 import secrets
 import threading
-import time
 import weakref
 from multiprocessing import shared_memory, util
 from typing import Any, Mapping
@@ -39,6 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from petct_jax.errors import PetctError
+from petct_jax.parent_watch import exit_with_parent
 
 FREE, IN_USE, ONE_OFF = 0, 1, 2
 HEADER = 64  # bytes before the first array; arrays start 64-byte aligned
@@ -47,31 +47,23 @@ REF_KEY = "_batch_ref"  # where a worker's batch carries its BatchRef
 NAME_PREFIX = "petct_"  # segment names: petct_<trainer pid>_<random>
 SHM_DIR = "/dev/shm"  # where Linux keeps the segments (a tmpfs; containers often make it small)
 
-TRAINER_CHECK_S = 1.0  # how often a worker checks that its trainer is still alive
-
 _ring_size = 0  # > 0 in a Grain worker process: batches go to shared segments
 _created_here: list["_Created"] = []  # this process's segment names, for a hasty exit
 
 
 def init_worker_process(ring_size: int, worker_index: int = 0, worker_count: int = 1) -> None:
     """Grain `worker_init_fn` (bind `ring_size` with functools.partial): batches made in this
-    process go to shared segments, at most `ring_size` of them reused; the process exits
-    when its trainer is gone."""
+    process go to shared segments, at most `ring_size` of them reused; the process unlinks
+    its segments and exits when its trainer is gone."""
     global _ring_size
     _ring_size = int(ring_size)
-    threading.Thread(target=_exit_without_trainer, args=(os.getppid(),),
-                     name="petct-trainer-watch", daemon=True).start()
+    exit_with_parent(cleanup=unlink_created)
 
 
-def _exit_without_trainer(trainer: int) -> None:
-    """Wait until this process's parent (the trainer) has died, then unlink the segments
-    this process made and exit. A dead parent's children are handed to init (or a
-    subreaper), so the parent pid changes."""
-    while os.getppid() == trainer:
-        time.sleep(TRAINER_CHECK_S)
+def unlink_created() -> None:
+    """Unlink every segment this process made that the trainer has not opened."""
     for created in list(_created_here):
         created.unlink_unread()
-    os._exit(1)
 
 
 def ring_size_for(buffer: int, read_threads: int = 1) -> int:

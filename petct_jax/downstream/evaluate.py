@@ -35,6 +35,7 @@ import numpy as np
 
 from petct_jax.downstream import metrics
 from petct_jax.errors import PetctError
+from petct_jax.parent_watch import exit_with_parent
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CSV_COLUMNS = ("case",) + metrics.CASE_KEYS
@@ -176,7 +177,8 @@ def evaluate_folder(pairs: list[tuple[str, str, str]], workers: int = 1, progres
 
             # spawn: the parent may hold threads (tqdm, a JAX runtime when called from Python)
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                     initializer=exit_with_parent) as pool:
                 for row in pool.map(_evaluate_star, pairs):
                     rows.append(row)
                     bar.update()
