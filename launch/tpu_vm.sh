@@ -30,8 +30,9 @@
 #   SETUP     shell code run first on every worker (activate a venv, git pull, ...)
 #   DRY_RUN=1 print the gcloud command (with --dry-run added to petct) instead of running it
 #
-# Preemption (spot/preemptible slices, maintenance): run this same command again once the
-# slice is back; it resumes from the last checkpoint in WORKDIR.
+# Preemption (spot/preemptible slices, maintenance): the VM's shutdown sends SIGTERM, on
+# which the training processes save the step they reached and exit (143); run this same
+# command again once the slice is back; it resumes from the last checkpoint in WORKDIR.
 
 set -euo pipefail
 

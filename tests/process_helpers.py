@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 HAS_PROC = os.path.isdir("/proc")
 
@@ -44,3 +45,13 @@ def kill_all(pids) -> None:
             os.kill(pid, signal.SIGKILL)
         except OSError:  # gone already
             pass
+
+
+def wait_for(condition, timeout: float, interval: float = 0.1) -> bool:
+    """Poll `condition()` until it holds (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

@@ -141,6 +141,15 @@ def test_a_worker_whose_trainer_died_unlinks_its_segments_and_exits():
     assert not any(map(_exists, names))
 
 
+def test_a_data_worker_leaves_sigterm_to_its_trainer():
+    """A scheduler stopping a job signals every process: the trainer saves a checkpoint and
+    then closes its workers, so the workers must outlive the signal."""
+    script = ("import os, signal\nfrom petct_jax.data import batch_buffers as bb\n"
+              "bb.init_worker_process(2)\nos.kill(os.getpid(), signal.SIGTERM)\nprint('alive')")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "alive", run.stderr
+
+
 def test_ring_size_covers_grain_buffers_and_two_held_batches():
     assert bb.ring_size_for(2) == 10 and bb.ring_size_for(2, read_threads=4) == 12
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from petct_jax.data.batch_buffers import NAME_PREFIX, REF_KEY
 from petct_jax.data.patches import PatchConfig
 from petct_jax.data.pipeline import forced_count, global_batch
 from petct_jax.errors import PetctError
-from process_helpers import HAS_PROC, alive, kill_all, spawned_workers
+from process_helpers import HAS_PROC, alive, kill_all, spawned_workers, wait_for
 from test_data_helpers import make_store
 
 P = (16, 16, 16)
@@ -160,16 +159,11 @@ def test_workers_of_a_killed_trainer_exit_and_unlink_their_segments(store, tmp_p
         workers = spawned_workers(trainer.pid)
         prefix = f"{NAME_PREFIX}{trainer.pid}_"
         assert len(workers) == 2
-        deadline = time.monotonic() + 30
-        while not _segments(prefix) and time.monotonic() < deadline:
-            time.sleep(0.1)  # the workers fill their queues (batches not yet opened)
-        assert _segments(prefix)
+        # The workers fill their queues with batches the trainer has not opened.
+        assert wait_for(lambda: _segments(prefix), timeout=30)
         trainer.kill()
         trainer.wait()
-        deadline = time.monotonic() + 30
-        while any(map(alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not any(map(alive, workers))
+        assert wait_for(lambda: not any(map(alive, workers)), timeout=30)
         assert _segments(prefix) == []
     finally:  # whatever is left (orphaned workers would otherwise outlive the test run)
         kill_all([trainer.pid, *workers])

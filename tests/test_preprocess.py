@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 import nifti_scenes as ns
-from process_helpers import HAS_PROC, alive, kill_all, spawned_workers
+from process_helpers import HAS_PROC, alive, kill_all, spawned_workers, wait_for
 from petct_jax import cli, store
 from petct_jax.errors import PetctError
 from preprocessing import readers
@@ -328,11 +327,8 @@ def test_resume_after_killing_a_parallel_run(tmp_path, kill):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     manifest = os.path.join(out, "manifest.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(manifest) and open(manifest).read().count("\n") >= 1:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: proc.poll() is not None or (
+        os.path.exists(manifest) and open(manifest).read().count("\n") >= 1), timeout=120, interval=0.01)
     workers = spawned_workers(proc.pid) if HAS_PROC else []
     assert len(workers) == 2 or not HAS_PROC
     if kill == "group":
@@ -340,9 +336,7 @@ def test_resume_after_killing_a_parallel_run(tmp_path, kill):
     else:
         proc.kill()
     proc.wait()
-    deadline = time.time() + 30
-    while any(map(alive, workers)) and time.time() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: not any(map(alive, workers)), timeout=30)
     survivors = [w for w in workers if alive(w)]
     kill_all(survivors)
     assert survivors == [], "workers outlived their parent"

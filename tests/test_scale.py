@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import pytest
 
 import scale_data
 from conftest import REPO
+from process_helpers import kill_all, wait_for
 from petct_jax.errors import PetctError
 from petct_jax.train import distributed
 
@@ -343,6 +345,36 @@ def test_a_two_process_run_resumes_in_one_process(two_process_training):
     assert third["summary"]["devices"] == 1
     assert [r["step"] for r in third["metrics"] if "split" not in r] == [1, 2, 3, 4, 5, 6]
     assert third["data"][(6, "process_0-of-1.json")] == 6  # continued from global batch 4
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_one_saved_step(phantom_store, tmp_path):
+    """A preemption notice reaching one host: JAX's preemption service has both processes
+    finish the same step, save it and exit with 143 (train/preemption.py)."""
+    workdir = str(tmp_path / "run")
+    env = _env(NPROC=2, CPU_DEVICES=2, PORT=_free_port(), PETCT=f"{sys.executable} -m petct_jax.cli",
+               CONFIG=os.path.join(REPO, "configs/pretrain.py:tiny"), STORE=phantom_store,
+               WORKDIR=workdir)
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local.sh"), *TRAIN_ARGS,
+                             "--config.total_steps=500", "--config.ckpt.every_steps=500",
+                             "--config.eval_every=500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+    pids: list[int] = []
+    try:
+        pids = [int(proc.stdout.readline().split("(pid ")[1].split(")")[0]) for _ in range(2)]
+        metrics = os.path.join(workdir, "metrics.jsonl")
+        wait_for(lambda: proc.poll() is not None or (
+            os.path.exists(metrics) and open(metrics).read().count("\n") >= 2), timeout=300)
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        os.kill(pids[1], signal.SIGTERM)
+        proc.communicate(timeout=300)
+    finally:  # nothing left running if the test failed
+        kill_all([proc.pid, *pids])
+    logs = [open(os.path.join(workdir + ".logs", str(i))).read() for i in range(2)]
+    stopped = [log.split("stopped by SIGTERM after step ")[-1].split(",")[0] for log in logs]
+    assert stopped[0] == stopped[1] and stopped[0].isdigit(), [log[-1000:] for log in logs]
+    steps = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert steps == [stopped[0]]  # the only checkpoint: none was due before step 500
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The shared training loop: learning, resume after a crash, the non-finite guard."""
 
-import json
 import os
+import signal
 
 import grain
 import jax
@@ -13,6 +13,7 @@ from flax import nnx
 
 from petct_jax.train import loop as loop_lib
 from petct_jax.train import metrics as metrics_lib
+from petct_jax.train.preemption import Preempted
 
 
 class Toy(nnx.Module):
@@ -66,15 +67,15 @@ class Crash(Exception):
     pass
 
 
-def crashing(it, after):
+def calling(it, on_call):
+    """The iterator, calling `on_call(n)` before it hands out batch n (from 1)."""
     class It:
         def __init__(self):
             self.n = 0
 
         def __next__(self):
             self.n += 1
-            if self.n > after:
-                raise Crash()
+            on_call(self.n)
             return next(it)
 
         def get_state(self):
@@ -83,6 +84,21 @@ def crashing(it, after):
         def set_state(self, s):
             it.set_state(s)
     return It()
+
+
+def crash_after(after):
+    def on_call(n):
+        if n > after:
+            raise Crash()
+    return on_call
+
+
+def sigterm_at(call):
+    """Send this process SIGTERM, as a scheduler would, when batch `call` is asked for."""
+    def on_call(n):
+        if n == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_call
 
 
 def train_losses(workdir):
@@ -105,13 +121,40 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     loop_lib.train(config(), full, task(make_iter()))
     crashed = str(tmp_path / "crashed")
     with pytest.raises(Crash):
-        loop_lib.train(config(), crashed, task(crashing(make_iter(), after=6)))
+        loop_lib.train(config(), crashed, task(calling(make_iter(), crash_after(6))))
     # Steps 5 and 6 were logged but not checkpointed: the resumed run redoes them.
     summary = loop_lib.train(config(), crashed, task(make_iter()))
     assert summary["resumed_from"] == 4
     a, b = train_losses(full), train_losses(crashed)
     assert [s for s, _ in b] == list(range(1, 9))
     np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-6)
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_equals_uninterrupted(tmp_path):
+    full = str(tmp_path / "full")
+    loop_lib.train(config(), full, task(make_iter()))
+    stopped = str(tmp_path / "stopped")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Preempted, match="after step 6, which is saved"):
+        loop_lib.train(config(), stopped, task(calling(make_iter(), sigterm_at(6))))
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only
+    steps = sorted(int(d) for d in os.listdir(os.path.join(stopped, "checkpoints")) if d.isdigit())
+    assert steps == [4, 6]  # 6 is not a periodic step (every 4)
+    summary = loop_lib.train(config(), stopped, task(make_iter()))
+    assert summary["resumed_from"] == 6
+    a, b = train_losses(full), train_losses(stopped)
+    assert [s for s, _ in b] == list(range(1, 9))
+    np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-6)
+
+
+def test_a_stopped_run_exits_with_143(monkeypatch, tmp_path):
+    from petct_jax import cli
+    from petct_jax.mae import pretrain
+
+    def stopped(args):
+        raise Preempted("stopped by SIGTERM after step 3, which is saved")
+    monkeypatch.setattr(pretrain, "run", stopped)
+    assert cli.main(["pretrain", "--config", "configs/pretrain.py:tiny", "--workdir", str(tmp_path)]) == 143
 
 
 def test_nonfinite_stops_without_overwriting_checkpoint(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import signal
 import threading
 import weakref
 from multiprocessing import shared_memory, util
@@ -53,11 +54,15 @@ _created_here: list["_Created"] = []  # this process's segment names, for a hast
 
 def init_worker_process(ring_size: int, worker_index: int = 0, worker_count: int = 1) -> None:
     """Grain `worker_init_fn` (bind `ring_size` with functools.partial): batches made in this
-    process go to shared segments, at most `ring_size` of them reused; the process unlinks
-    its segments and exits when its trainer is gone."""
+    process go to shared segments, at most `ring_size` of them reused; SIGTERM is left to
+    the trainer, and the process unlinks its segments and exits when the trainer is gone."""
     global _ring_size
     _ring_size = int(ring_size)
     exit_with_parent(cleanup=unlink_created)
+    if threading.current_thread() is threading.main_thread():
+        # A scheduler stopping the job signals every process; the trainer saves first
+        # (train/preemption.py) and closes its workers, which must not have died before it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def unlink_created() -> None:

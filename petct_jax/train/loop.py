@@ -2,8 +2,9 @@
 
 A task hands over its model, loss, data and preview; the loop owns what every run
 needs: the mesh and sharded state, the jitted step, Orbax checkpoints that include
-the data iterator, resume after a crash or `kill -9`, metrics, previews, the
-non-finite guard and the summary. Re-running the same command resumes.
+the data iterator, resume after a crash or `kill -9`, a checkpoint on SIGTERM
+(`preemption.py`), metrics, previews, the non-finite guard and the summary. Re-running the
+same command resumes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from petct_jax.train import mesh as mesh_lib
 from petct_jax.train import metrics as metrics_lib
 from petct_jax.train import optim
 from petct_jax.train import step as step_lib
+from petct_jax.train.preemption import Preempted, PreemptionWatch
 
 
 @dataclasses.dataclass
@@ -160,39 +162,54 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
 
     throughput = metrics_lib.Throughput(task.voxels_per_batch)
     all_finite = jnp.array(True)
+
+    def check_finite(step: int) -> None:
+        """Before a step's state is logged or saved: stop on a non-finite loss or gradient
+        since the last check (or note the skipped steps, with on_nonfinite="skip")."""
+        nonlocal all_finite
+        if bool(all_finite):
+            return
+        if config.on_nonfinite != "skip":
+            raise NonFiniteLoss(
+                f"non-finite loss or gradient before step {step}; stopped without "
+                f"saving (last good checkpoint: step {checkpointer.latest_step()}). "
+                "Lower optim.lr, check the data, or set --config.on_nonfinite=skip")
+        writer.write(step, {"skipped_nonfinite": 1})
+        all_finite = jnp.array(True)
+
     last_train: dict = {}
     bar = tqdm(total=config.total_steps, initial=start, desc=f"{config.task} {os.path.basename(workdir.rstrip('/'))}",
                file=sys.stderr, dynamic_ncols=True, disable=jax.process_index() != 0)
     started = time.perf_counter()
     step = start
     try:
-        while step < config.total_steps:
-            batch = next(task.train_iter)
-            state, m = train_step(state, to_global(batch))
-            step += 1
-            all_finite = all_finite & m["finite"]
-            bar.update(1)
-            due_eval = step % config.eval_every == 0 or step == config.total_steps
-            due_save = step % config.ckpt.every_steps == 0 or step == config.total_steps
-            if step % config.log_every == 0 or due_eval or due_save:
-                if not bool(all_finite):
-                    if config.on_nonfinite != "skip":
-                        raise NonFiniteLoss(
-                            f"non-finite loss or gradient before step {step}; stopped without "
-                            f"saving (last good checkpoint: step {checkpointer.latest_step()}). "
-                            "Lower optim.lr, check the data, or set --config.on_nonfinite=skip")
-                    writer.write(step, {"skipped_nonfinite": 1})
-                    all_finite = jnp.array(True)
-                row = {k: v for k, v in jax.device_get(m).items() if k != "finite"}
-                row.update(throughput.update(step))
-                last_train = writer.write(step, row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
-                                vox_s=f"{row.get('voxels_per_s', 0):.3g}")
-            val = evaluate(step) if due_eval else None
-            if due_save:
-                save(step, val, force=step == config.total_steps)
-            if step % config.preview_every == 0 or step == config.total_steps:
-                preview(step)
+        with PreemptionWatch() as preemption:
+            while step < config.total_steps:
+                batch = next(task.train_iter)
+                state, m = train_step(state, to_global(batch))
+                step += 1
+                all_finite = all_finite & m["finite"]
+                bar.update(1)
+                due_eval = step % config.eval_every == 0 or step == config.total_steps
+                due_save = step % config.ckpt.every_steps == 0 or step == config.total_steps
+                if step % config.log_every == 0 or due_eval or due_save:
+                    check_finite(step)
+                    row = {k: v for k, v in jax.device_get(m).items() if k != "finite"}
+                    row.update(throughput.update(step))
+                    last_train = writer.write(step, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}",
+                                    vox_s=f"{row.get('voxels_per_s', 0):.3g}")
+                val = evaluate(step) if due_eval else None
+                if due_save:
+                    save(step, val, force=step == config.total_steps)
+                if step % config.preview_every == 0 or step == config.total_steps:
+                    preview(step)
+                if step < config.total_steps and preemption.reached(step):
+                    if not due_save:
+                        check_finite(step)
+                        save(step, None, force=True)
+                    raise Preempted(f"stopped by SIGTERM after step {step}, which is saved: run the "
+                                    "same command again to resume")
     finally:
         bar.close()
         checkpointer.wait()
