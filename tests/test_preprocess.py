@@ -7,7 +7,6 @@ import gzip
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -309,13 +308,12 @@ def test_resume_after_an_interrupted_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="finds the workers in /proc")
 @pytest.mark.parametrize("kill", ["group", "parent"])
 def test_resume_after_killing_a_parallel_run(tmp_path, kill):
-    """Killed with its workers (the whole process group), or alone (e.g. by the OOM killer):
-    then its workers exit by themselves (`petct_jax.parent_watch`) instead of waiting for
-    work for ever, and the resumed run commits every case exactly once."""
-    if kill == "parent" and not HAS_PROC:
-        pytest.skip("finds the workers in /proc")
+    """Killed with its workers, or alone (e.g. by the OOM killer): then its workers exit by
+    themselves (`petct_jax.parent_watch`) instead of waiting for work for ever. The resumed
+    run commits every case exactly once."""
     raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
     shape = (72, 56, 88)
     for n in range(8):
@@ -329,12 +327,11 @@ def test_resume_after_killing_a_parallel_run(tmp_path, kill):
     manifest = os.path.join(out, "manifest.jsonl")
     wait_for(lambda: proc.poll() is not None or (
         os.path.exists(manifest) and open(manifest).read().count("\n") >= 1), timeout=120, interval=0.01)
-    workers = spawned_workers(proc.pid) if HAS_PROC else []
-    assert len(workers) == 2 or not HAS_PROC
-    if kill == "group":
-        os.killpg(proc.pid, signal.SIGKILL)  # the run's own process group: parent and its workers
-    else:
-        proc.kill()
+    workers = spawned_workers(proc.pid)
+    assert len(workers) == 2
+    # "group": the parent and its workers at once; not its resource tracker, which then
+    # unlinks the run's semaphores (killed too, it would leave them in /dev/shm).
+    kill_all([proc.pid, *workers] if kill == "group" else [proc.pid])
     proc.wait()
     wait_for(lambda: not any(map(alive, workers)), timeout=30)
     survivors = [w for w in workers if alive(w)]
