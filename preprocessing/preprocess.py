@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from petct_jax import store
 from petct_jax.errors import PetctError
+from petct_jax.folder_lock import folder_lock
 from petct_jax.parent_watch import exit_with_parent
 from preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
 from preprocessing.readers import LAYOUTS, CaseSpec, list_cases
@@ -119,8 +120,15 @@ def preprocess(input_path: str, root: str, *, layout: str = "auto",
                cohort: str | None = None, overwrite: bool = False,
                patient_regex: str | None = None, id_prefix: str = "",
                progress: bool = True) -> Summary:
-    """Harmonize every case of one raw cohort into the store at `root`."""
+    """Harmonize every case of one raw cohort into the store at `root` (one run at a time
+    per store: a second is refused while the first runs)."""
     specs = list_cases(input_path, layout, cohort, patient_regex, id_prefix)
+    with folder_lock(root, "petct preprocess"):
+        return _preprocess(specs, root, spacing_zyx, workers, overwrite, progress)
+
+
+def _preprocess(specs: list[CaseSpec], root: str, spacing_zyx: Sequence[float], workers: int | None,
+                overwrite: bool, progress: bool) -> Summary:
     info = store.create(root, spacing_zyx=spacing_zyx)
     committed_before = {r["id"]: r for r in store.read_manifest(root)}
 

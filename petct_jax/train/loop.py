@@ -9,6 +9,7 @@ same command resumes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from petct_jax.data.pipeline import global_batch
 from petct_jax.errors import PetctError
+from petct_jax.folder_lock import folder_lock
 from petct_jax.train import checkpoint as ckpt_lib
 from petct_jax.train import mesh as mesh_lib
 from petct_jax.train import metrics as metrics_lib
@@ -91,7 +93,14 @@ def _frozen_tx(tx, mask):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
-    """Train (or resume) to `config.total_steps`; returns the summary."""
+    """Train (or resume) to `config.total_steps`; returns the summary. One run at a time
+    per workdir: a second is refused while the first runs (held by process 0 of a job)."""
+    lock = folder_lock(workdir, "training run") if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(config, workdir, task)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     prepare_workdir(workdir, config)
     mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
     rules = tuple(tuple(r) for r in config.mesh.rules)
