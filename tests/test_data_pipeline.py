@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -41,9 +40,10 @@ def _take(it, n):
     return out
 
 
-def _leftover_segments():
-    """Batch segments of this process's workers still in /dev/shm (none once closed)."""
-    return [f for f in os.listdir("/dev/shm") if f.startswith(f"{NAME_PREFIX}{os.getpid()}_")]
+def _segments(trainer: int | None = None) -> list[str]:
+    """Batch segments in /dev/shm made by the workers of `trainer` (default: this process)."""
+    prefix = f"{NAME_PREFIX}{os.getpid() if trainer is None else trainer}_"
+    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
 
 
 def _same(a, b):
@@ -98,7 +98,7 @@ def test_worker_processes_give_the_in_process_batches(store, read_threads):
     want = _take(_iter(store, SEG, seed=7), 12)
     got = _take(_iter(store, SEG, seed=7, num_workers=2, read_threads=read_threads), 12)
     assert _same(got, want)
-    assert _leftover_segments() == []  # a worker that died (e.g. SIGSEGV) leaves its segments
+    assert _segments() == []  # a worker that died (e.g. SIGSEGV) leaves its segments
 
 
 def test_worker_batches_reuse_segments_and_leave_none_behind(store):
@@ -121,11 +121,7 @@ def test_worker_batches_reuse_segments_and_leave_none_behind(store):
     # Batches made before the trainer let go (up to 2 x 10 in flight) are one-offs; after
     # that the rings are reused.
     assert set(names[-12:]) <= ring
-    assert _leftover_segments() == []
-
-
-def _segments(prefix: str) -> list[str]:
-    return [f for f in os.listdir("/dev/shm") if f.startswith(prefix)]
+    assert _segments() == []
 
 
 TRAINER = """
@@ -151,20 +147,19 @@ def test_workers_of_a_killed_trainer_exit_and_unlink_their_segments(store, tmp_p
     test_batch_buffers.py; here the trainer's resource tracker stays alive, as it must to
     unlink the trainer's semaphores."""
     script = tmp_path / "trainer.py"
-    script.write_text(textwrap.dedent(TRAINER))
+    script.write_text(TRAINER)
     trainer = subprocess.Popen([sys.executable, str(script), store.root], stdout=subprocess.PIPE, text=True)
     workers: list[int] = []
     try:
         assert trainer.stdout.readline().strip() == "running"
         workers = spawned_workers(trainer.pid)
-        prefix = f"{NAME_PREFIX}{trainer.pid}_"
         assert len(workers) == 2
         # The workers fill their queues with batches the trainer has not opened.
-        assert wait_for(lambda: _segments(prefix), timeout=30)
+        assert wait_for(lambda: _segments(trainer.pid), timeout=30)
         trainer.kill()
         trainer.wait()
         assert wait_for(lambda: not any(map(alive, workers)), timeout=30)
-        assert _segments(prefix) == []
+        assert _segments(trainer.pid) == []
     finally:  # whatever is left (orphaned workers would otherwise outlive the test run)
         kill_all([trainer.pid, *workers])
 

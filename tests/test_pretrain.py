@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from petct_jax.train import optim
 from petct_jax.train import step as step_lib
 
 from conftest import REPO
+from process_helpers import wait_for
 
 TINY = ["data.patch=(16,16,16)", "mae.block=(4,4,4)", "batch_size=2", "eval_batches=1",
         "data.zoom_prob=0.0", "model.overrides.n_stages=3", "model.overrides.features_per_stage=(4,8,16)",
@@ -106,11 +106,8 @@ def test_cli_runs_and_resumes_after_kill_9(phantom_store, tmp_path):
     proc = subprocess.Popen(_cli(killed, phantom_store), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt_dir = os.path.join(killed, "checkpoints")
-    deadline = time.time() + 500
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpt_dir) and any(d.isdigit() and int(d) >= 4 for d in os.listdir(ckpt_dir)):
-            break
-        time.sleep(0.2)
+    wait_for(lambda: proc.poll() is not None or (os.path.isdir(ckpt_dir) and any(
+        d.isdigit() and int(d) >= 4 for d in os.listdir(ckpt_dir))), timeout=500, interval=0.2)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -126,8 +126,8 @@ def orphaned_segments(shm_dir: str = SHM_DIR) -> list[str]:
     sharing /dev/shm but not the pid namespace, a pid that is not ours may be running."""
     found = []
     for name in os.listdir(shm_dir):
-        pid = name[len(NAME_PREFIX):].split("_")[0]
-        if not name.startswith(NAME_PREFIX) or not pid.isdigit():
+        pid = name[len(NAME_PREFIX):].split("_")[0] if name.startswith(NAME_PREFIX) else ""
+        if not pid.isdigit():
             continue
         try:
             os.kill(int(pid), 0)
