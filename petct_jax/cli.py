@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except PetctError as e:
         print(f"petct {name}: error: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)  # 143 for a run stopped by SIGTERM (preemption.py)
+        return getattr(e, "exit_code", 2)  # 143 / 130: a run stopped by SIGTERM / Ctrl-C (preemption.py)
 
 
 if __name__ == "__main__":

@@ -141,11 +141,13 @@ def test_a_worker_whose_trainer_died_unlinks_its_segments_and_exits():
     assert not any(map(_exists, names))
 
 
-def test_a_data_worker_leaves_sigterm_to_its_trainer():
-    """A scheduler stopping a job signals every process: the trainer saves a checkpoint and
-    then closes its workers, so the workers must outlive the signal."""
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_data_worker_leaves_stop_signals_to_its_trainer(signum):
+    """A scheduler stopping a job signals every process, a terminal's Ctrl-C its process
+    group: the trainer saves a checkpoint and then closes its workers, so the workers must
+    outlive the signal."""
     script = ("import os, signal\nfrom petct_jax.data import batch_buffers as bb\n"
-              "bb.init_worker_process(2)\nos.kill(os.getpid(), signal.SIGTERM)\nprint('alive')")
+              f"bb.init_worker_process(2)\nos.kill(os.getpid(), signal.{signum})\nprint('alive')")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "alive", run.stderr
 

@@ -93,11 +93,13 @@ def crash_after(after):
     return on_call
 
 
-def sigterm_at(call):
-    """Send this process SIGTERM, as a scheduler would, when batch `call` is asked for."""
+def signal_at(call, signum, times=1):
+    """Send this process `signum` (SIGTERM as a scheduler, SIGINT as Ctrl-C) `times` times
+    when batch `call` is asked for."""
     def on_call(n):
         if n == call:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(times):
+                os.kill(os.getpid(), signum)
     return on_call
 
 
@@ -130,14 +132,17 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-6)
 
 
-def test_sigterm_saves_the_step_and_the_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_a_signal_saves_the_step_and_the_resumed_run_equals_uninterrupted(tmp_path, signum, name):
     full = str(tmp_path / "full")
     loop_lib.train(config(), full, task(make_iter()))
     stopped = str(tmp_path / "stopped")
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Preempted, match="after step 6, which is saved"):
-        loop_lib.train(config(), stopped, task(calling(make_iter(), sigterm_at(6))))
-    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the run's only
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with pytest.raises(Preempted, match=f"{name}.* after step 6, which is saved") as err:
+        loop_lib.train(config(), stopped, task(calling(make_iter(), signal_at(6, signum))))
+    assert err.value.exit_code == 128 + signum
+    # The handlers are the run's only.
+    assert {s: signal.getsignal(s) for s in before} == before
     steps = sorted(int(d) for d in os.listdir(os.path.join(stopped, "checkpoints")) if d.isdigit())
     assert steps == [4, 6]  # 6 is not a periodic step (every 4)
     summary = loop_lib.train(config(), stopped, task(make_iter()))
@@ -145,6 +150,15 @@ def test_sigterm_saves_the_step_and_the_resumed_run_equals_uninterrupted(tmp_pat
     a, b = train_losses(full), train_losses(stopped)
     assert [s for s, _ in b] == list(range(1, 9))
     np.testing.assert_allclose([l for _, l in a], [l for _, l in b], rtol=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+    wd = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        loop_lib.train(config(), wd, task(calling(make_iter(), signal_at(6, signal.SIGINT, times=2))))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit())
+    assert steps == [4]  # the periodic checkpoint only
 
 
 def test_a_stopped_run_exits_with_143(monkeypatch, tmp_path):

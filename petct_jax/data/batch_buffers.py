@@ -60,9 +60,11 @@ def init_worker_process(ring_size: int, worker_index: int = 0, worker_count: int
     _ring_size = int(ring_size)
     exit_with_parent(cleanup=unlink_created)
     if threading.current_thread() is threading.main_thread():
-        # A scheduler stopping the job signals every process; the trainer saves first
-        # (train/preemption.py) and closes its workers, which must not have died before it.
+        # A scheduler stopping the job signals every process, a terminal's Ctrl-C the whole
+        # process group; the trainer saves first (train/preemption.py) and closes its
+        # workers, which must not have died before it.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def unlink_created() -> None:

@@ -2,8 +2,8 @@
 
 A task hands over its model, loss, data and preview; the loop owns what every run
 needs: the mesh and sharded state, the jitted step, Orbax checkpoints that include
-the data iterator, resume after a crash or `kill -9`, a checkpoint on SIGTERM
-(`preemption.py`), metrics, previews, the non-finite guard and the summary. Re-running the
+the data iterator, resume after a crash or `kill -9`, a checkpoint on SIGTERM or
+Ctrl-C (`preemption.py`), metrics, previews, the non-finite guard and the summary. Re-running the
 same command resumes.
 """
 
@@ -217,8 +217,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
                     if not due_save:
                         check_finite(step)
                         save(step, None, force=True)
-                    raise Preempted(f"stopped by SIGTERM after step {step}, which is saved: run the "
-                                    "same command again to resume")
+                    raise Preempted(f"stopped by {preemption.signal_name} after step {step}, which "
+                                    "is saved: run the same command again to resume", preemption.signum)
     finally:
         bar.close()
         checkpointer.wait()
