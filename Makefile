@@ -3,7 +3,7 @@
 # then MONAI, then this package with its test extras.
 PY ?= python
 
-.PHONY: install install-torch test demo
+.PHONY: install install-torch test demo gpu-wheels
 
 install:
 	$(PY) -m pip install -e .
@@ -19,3 +19,12 @@ test: install-torch
 
 demo: install
 	petct demo --workdir runs/demo
+
+# What a lent GPU machine lacks for benchmarks/gpu_checks.sh (its image has jax, flax, torch:
+# /work/.library/device), as Python 3.12 manylinux wheels in .whl/ to carry there.
+gpu-wheels:
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+	  grain==0.2.18 array-record==0.8.6 portpicker==1.6.0 nibabel==5.4.2 ml_collections==1.1.0 \
+	  tensorboardX==2.6.5 monai==1.6.1 dynamic-network-architectures==0.4.4

@@ -31,7 +31,11 @@ same for its training and inference commands).
 (the path before petct_jax/models/conv_cpu.py). The GPU size of the paper is
 `--batch 2 --crop 96 128 128` (batch per GPU). Ends with one line holding one JSON object
 (`speedup` = our voxels/s / reference voxels/s for the MAE step; `finetune_speedup` the same
-for fine-tuning).
+for fine-tuning), with `tflop_per_step` (XLA's count for our step with one convolution per
+layer; both sides do the same arithmetic), each side's TFLOP/s, its model FLOP utilisation
+(`ours_mfu`, `ref_mfu`) on accelerators with a known peak (`PEAK_TFLOPS`), and on a GPU each
+side's peak memory (`ours_peak_gib`: JAX's allocator high-water mark, cumulative over the run;
+`ref_peak_gib`: torch's, per task).
 """
 
 from __future__ import annotations
@@ -101,8 +105,8 @@ def make_config(task: str, args: argparse.Namespace, gpu: bool):
     return config
 
 
-def build_ours(task: str, config) -> tuple[Any, Callable, Any, Any]:
-    """(model, jitted step, initial state, loss_fn) for `task` ("mae" or "seg")."""
+def build_ours(task: str, config) -> tuple[Any, Callable, Any, Any, Callable]:
+    """(model, jitted step, initial state, loss_fn, the step unjitted) for `task` ("mae" or "seg")."""
     import jax
     from flax import nnx
 
@@ -124,9 +128,32 @@ def build_ours(task: str, config) -> tuple[Any, Callable, Any, Any]:
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     graphdef, params, rest = step_lib.split_model(model)
     state = step_lib.init_state(params, tx, config.seed)
-    step = jax.jit(step_lib.make_train_step(graphdef, rest, loss_fn, tx, schedule),
-                   donate_argnums=0)
-    return model, step, state, loss_fn
+    raw_step = step_lib.make_train_step(graphdef, rest, loss_fn, tx, schedule)
+    return model, jax.jit(raw_step, donate_argnums=0), state, loss_fn, raw_step
+
+
+def step_flops(raw_step: Callable, state: Any, batch: Any) -> float | None:
+    """FLOPs of one training step, from XLA's cost analysis of the lowered step with one
+    convolution per layer (as an accelerator runs it; the CPU path's depth-tap decomposition
+    computes some rows it drops, which would count). Nothing is compiled or allocated."""
+    import jax
+
+    from petct_jax.models.conv_cpu import use_impl
+
+    with use_impl("xla"):
+        cost = jax.jit(raw_step).lower(state, batch).cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+# Dense BF16/FP16 tensor-core (MXU) peaks in TFLOP/s, from the vendors' datasheets, by the
+# start of `jax.Device.device_kind`: model FLOP utilisation (MFU) = step FLOPs / time / peak.
+PEAK_TFLOPS = {"NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
+               "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def peak_tflops(device_kind: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if device_kind.startswith(k)), None)
 
 
 # ---------------------------------------------------------------- the reference side
@@ -244,7 +271,7 @@ def run_task(task: str, args: argparse.Namespace, gpu: bool, torch_device: str) 
     import jax.numpy as jnp
 
     config = make_config(task, args, gpu)
-    model, step, state, loss_fn = build_ours(task, config)
+    model, step, state, loss_fn, raw_step = build_ours(task, config)
     backbone = model.backbone if task == "mae" else model
     data = synthetic_batch(task, args.batch, args.crop)
     batch = {k: jnp.asarray(v) for k, v in data.items()}
@@ -268,6 +295,7 @@ def run_task(task: str, args: argparse.Namespace, gpu: bool, torch_device: str) 
             ref_loss = float(torch_mae_loss(net(x_t * (1 - mask_t)), x_t, mask_t))
         result["loss_rel_diff"] = abs(ours_loss - ref_loss) / abs(ref_loss)
 
+    flops = step_flops(raw_step, state, batch)
     holder = {"state": state}
 
     def ours_step() -> None:
@@ -278,6 +306,8 @@ def run_task(task: str, args: argparse.Namespace, gpu: bool, torch_device: str) 
     ours_step()
     result["compile_s"] = round(time.perf_counter() - t0, 2)
     ref_step = torch_step_fn(net, task, x_t, label_t, torch_device, float(config.optim.lr))
+    if torch_device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         ours_step()
         ref_step()
@@ -291,10 +321,22 @@ def run_task(task: str, args: argparse.Namespace, gpu: bool, torch_device: str) 
         "speedup": round(best_ref / best_ours, 3),
         "speedup_median": round(statistics.median(t_ref) / statistics.median(t_ours), 3),
     })
+    if flops:
+        peak = peak_tflops(jax.devices()[0].device_kind)
+        result["tflop_per_step"] = round(flops / 1e12, 4)
+        for side, t in (("ours", best_ours), ("ref", best_ref)):
+            result[f"{side}_tflop_per_s"] = float(f"{flops / t / 1e12:.3g}")
+            if peak:
+                result[f"{side}_mfu"] = round(flops / t / (peak * 1e12), 4)
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:  # GPU/TPU: the allocator's high-water mark so far
+        result["ours_peak_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 2)
+    if torch_device == "cuda":
+        result["ref_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     if task == "mae" and args.xla_conv:
         from petct_jax.models import conv_cpu
         with conv_cpu.use_impl("xla"):
-            _, step_xla, state_xla, _ = build_ours(task, config)
+            _, step_xla, state_xla, *_ = build_ours(task, config)
             holder_xla = {"state": state_xla}
 
             def xla_step() -> None:
@@ -330,6 +372,7 @@ def main() -> None:
     gpu = jax.default_backend() == "gpu"
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True  # nnU-Net's setting: the fastest cuDNN algorithms
     voxels = args.batch * math.prod(args.crop)
 
     mae = run_task("mae", args, gpu, torch_device)
