@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Issue #10's GPU figures in one run on a lent NVIDIA machine (H100/H200), sized to finish in
-# under 9 minutes (each benchmark has its own time limit): the MAE and fine-tuning train steps against the PyTorch AMP reference (with
-# TFLOP/s, MFU and peak memory), whole-scan sliding-window inference against MONAI, and XLA:GPU's
-# compiled memory analysis with remat policies. Each benchmark's output goes to $OUT/<name>.log,
+# Issue #10's GPU figures in one run on a lent NVIDIA machine (H100/H200), within 9 minutes
+# (each benchmark has its own time limit): the MAE and fine-tuning train steps against the
+# PyTorch AMP reference (with TFLOP/s, MFU and peak memory), whole-scan sliding-window
+# inference against MONAI, and XLA:GPU's compiled memory analysis with remat policies. Each benchmark's output goes to $OUT/<name>.log,
 # its last line (one JSON object) to $OUT/results.jsonl; a failing benchmark does not stop the
 # others, and the script exits non-zero if any failed.
 #
