@@ -2,9 +2,10 @@
 # Issue #10's GPU figures in one run on a lent NVIDIA machine (H100/H200), within 9 minutes
 # (each benchmark has its own time limit): the MAE and fine-tuning train steps against the
 # PyTorch AMP reference (with TFLOP/s, MFU and peak memory), whole-scan sliding-window
-# inference against MONAI, and XLA:GPU's compiled memory analysis with remat policies. Each benchmark's output goes to $OUT/<name>.log,
-# its last line (one JSON object) to $OUT/results.jsonl; a failing benchmark does not stop the
-# others, and the script exits non-zero if any failed.
+# inference against MONAI, and XLA:GPU's compiled memory analysis with remat policies. Each
+# benchmark's output goes to $OUT/<name>.log, its last line (one JSON object) to
+# $OUT/results.jsonl; a failing benchmark does not stop the others, and the script exits
+# non-zero if any failed.
 #
 # The device image has jax, flax, optax, orbax, tensorstore, torch and einops but not grain,
 # nibabel, ml_collections, tensorboardX, MONAI or dynamic_network_architectures: `make
