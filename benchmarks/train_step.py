@@ -139,11 +139,10 @@ def step_flops(raw_step: Callable, state: Any, batch: Any) -> float | None:
     import jax
 
     from petct_jax.models.conv_cpu import use_impl
+    from petct_jax.train.plan import xla_flops
 
     with use_impl("xla"):
-        cost = jax.jit(raw_step).lower(state, batch).cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) if cost and cost.get("flops") else None
+        return xla_flops(jax.jit(raw_step).lower(state, batch))
 
 
 # Dense BF16/FP16 tensor-core (MXU) peaks in TFLOP/s, from the vendors' datasheets, by the

@@ -568,6 +568,7 @@ def forward_tflop(token: str, patch: Sequence[int] = REF_PATCH) -> float:
     from petct_jax.config import resolve
     from petct_jax.models.conv_cpu import use_impl
     from petct_jax.train.backbone import build_backbone
+    from petct_jax.train.plan import xla_flops
 
     cfg = resolve(os.path.join(configs_dir(), f"finetune.py:{token}"))
     model = nnx.eval_shape(lambda: build_backbone(cfg.model, 2, 2, nnx.Rngs(0)))
@@ -577,9 +578,7 @@ def forward_tflop(token: str, patch: Sequence[int] = REF_PATCH) -> float:
     # decomposition computes some rows it then drops, which cost analysis would count.
     with use_impl("xla"):
         lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x)
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"]) / 1e12
+    return xla_flops(lowered) / 1e12
 
 
 def sliding_windows(shape: Sequence[int], patch: Sequence[int], overlap: float) -> int:

@@ -2,8 +2,8 @@
 
 A task hands over its model, loss, data and preview; the loop owns what every run
 needs: the mesh and sharded state, the jitted step, Orbax checkpoints that include
-the data iterator, resume after a crash or `kill -9`, a checkpoint on SIGTERM or
-Ctrl-C (`preemption.py`), metrics, previews, the non-finite guard and the summary. Re-running the
+the data iterator, resume after a crash or `kill -9`, a checkpoint on SIGTERM or Ctrl-C
+(`preemption.py`), metrics, previews, the non-finite guard and the summary. Re-running the
 same command resumes.
 """
 

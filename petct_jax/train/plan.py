@@ -107,9 +107,11 @@ def _compiled_memory(compiled) -> tuple[dict | None, str]:
     return out, "compiled step (per device, this backend)"
 
 
-def _flops(compiled) -> float | None:
+def xla_flops(stage) -> float | None:
+    """FLOPs XLA's cost analysis counts for a lowered or compiled computation (None where
+    the backend has no analysis)."""
     try:
-        cost = compiled.cost_analysis()
+        cost = stage.cost_analysis()
     except Exception:
         return None
     if isinstance(cost, (list, tuple)):
@@ -188,7 +190,7 @@ def train_plan(config: ml_collections.ConfigDict, model_fn: Callable[[], nnx.Mod
                           for k, v in batch.items()}
         compiled = jitted.lower(ckpt_lib.abstract_like(state, shardings), abstract_batch, rest).compile()
         memory["compiled"], memory["note"] = _compiled_memory(compiled)
-        flops = _flops(compiled)
+        flops = xla_flops(compiled)
     elif compile:
         memory["note"] = "not compiled: fix the problems above first"
 
