@@ -22,7 +22,9 @@
 # mesh/sharding/memory plan and exit). With NPROC > 1 every process gets
 # PETCT_COORDINATOR=localhost:PORT, PETCT_NUM_PROCESSES=NPROC and PETCT_PROCESS_ID=i, which
 # `petct pretrain` hands to jax.distributed.initialize(); when one process fails the
-# others are stopped (they would wait for it forever). Process i logs to WORKDIR.logs/i.
+# others are stopped (they would wait for it forever), and the script exits with the first
+# failure's status (143 after a SIGTERM, which saves a checkpoint). Process i logs to
+# WORKDIR.logs/i.
 #
 # Environment:
 #   STORE        (required) the store made by `petct preprocess` (path or gs://...)
@@ -91,24 +93,36 @@ if (( NPROC == 1 )); then
   exec env "${vars[@]}" "${cmd[@]}"
 fi
 
+if (( BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 501 )); then
+  echo "petct: NPROC > 1 needs bash 5.1 or newer (wait -n -p); this is $BASH_VERSION" >&2
+  exit 2
+fi
 logs="${WORKDIR%/}.logs"
 mkdir -p "$logs"
 pids=()
 stop_all() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+# SIGTERM (docker stop, a scheduler) or Ctrl-C reaching this script goes on to the processes
+# as SIGTERM (they ignore SIGINT: background jobs of a script): they agree on a step, save it
+# and exit 143, and this script waits for that rather than leaving them to die with it.
+trap stop_all INT TERM
 for ((i = 0; i < NPROC; i++)); do
   mapfile -t vars < <(process_env "$i")
   env "${vars[@]}" "${cmd[@]}" > "$logs/$i" 2>&1 &
   pids+=($!)
   echo "petct: process $i (pid $!) logs to $logs/$i"
 done
-status=0
-for ((n = 0; n < NPROC; n++)); do
-  if ! wait -n; then
-    status=1
-    echo "petct: a process failed; stopping the others (see $logs/)" >&2
+status=0  # the first failure's status (143: stopped by SIGTERM after saving)
+running=${#pids[@]}
+while (( running )); do
+  ended="" rc=0
+  wait -n -p ended || rc=$?
+  [[ -n "${ended:-}" ]] || continue  # a trapped signal interrupted the wait: no process ended
+  running=$((running - 1))
+  if (( rc != 0 && status == 0 )); then
+    status=$rc
+    echo "petct: process pid $ended exited with status $rc; stopping the others (see $logs/)" >&2
     stop_all
   fi
 done

@@ -371,6 +371,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step(phantom_store, tmp_
         proc.communicate(timeout=300)
     finally:  # nothing left running if the test failed
         kill_all([proc.pid, *pids])
+    assert proc.returncode == 143  # local.sh passes the processes' status on
     logs = [open(os.path.join(workdir + ".logs", str(i))).read() for i in range(2)]
     stopped = [log.split("stopped by SIGTERM after step ")[-1].split(",")[0] for log in logs]
     assert stopped[0] == stopped[1] and stopped[0].isdigit(), [log[-1000:] for log in logs]
