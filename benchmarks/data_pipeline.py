@@ -55,7 +55,7 @@ from petct_jax import store as store_lib  # noqa: E402
 from petct_jax.data import make_patch_iterator  # noqa: E402
 from petct_jax.config_blocks import IMAGE_DTYPE  # noqa: E402
 from petct_jax.data.patches import IMAGE_DTYPES, PatchConfig  # noqa: E402
-from petct_jax.data.pipeline import allow_worker_processes  # noqa: E402
+from petct_jax.data.pipeline import EpochShuffle, allow_worker_processes  # noqa: E402
 
 PATCH = (96, 128, 128)
 BATCH = 2
@@ -179,7 +179,8 @@ def _numpy_reference(x: np.ndarray, patch, rng) -> np.ndarray:
 
 
 def reference_iterator(paths: list[str], workers: int, seed: int = 0):
-    ds = grain.MapDataset.source(paths).seed(seed).shuffle().repeat()
+    # The same shuffle as ours (Grain's own costs ~3.8 ms a sample on 8 scans: EpochShuffle).
+    ds = EpochShuffle(grain.MapDataset.source(paths).seed(seed), seed).repeat()
     ds = ds.random_map(ReferenceTransform()).batch(BATCH, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     if workers:

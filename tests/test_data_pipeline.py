@@ -6,13 +6,14 @@ import os
 import subprocess
 import sys
 
+import grain
 import numpy as np
 import pytest
 
 from petct_jax.data import make_case_iterator, make_patch_iterator
 from petct_jax.data.batch_buffers import NAME_PREFIX, REF_KEY
 from petct_jax.data.patches import PatchConfig
-from petct_jax.data.pipeline import forced_count, global_batch
+from petct_jax.data.pipeline import EpochShuffle, forced_count, global_batch
 from petct_jax.errors import PetctError
 from process_helpers import HAS_PROC, alive, kill_all, spawned_workers, wait_for
 from test_data_helpers import make_store
@@ -57,6 +58,17 @@ def test_same_seed_same_batches_other_seed_other_batches(store):
     assert _same(a, b) and not _same(a, c)
     assert a[0]["image"].shape == (2, *P, 2) and a[0]["image"].dtype == np.float32
     assert set(a[0]) == {"image"}
+
+
+def test_each_epoch_visits_every_scan_once_in_its_own_order(store):
+    epochs = [[EpochShuffle(grain.MapDataset.range(7), seed=s)[7 * e + i] for i in range(7)]
+              for s in (5, 5, 6) for e in range(3)]
+    assert all(sorted(order) == list(range(7)) for order in epochs)
+    assert epochs[:3] == epochs[3:6]  # deterministic for a seed
+    assert len({tuple(o) for o in epochs[:3]}) == 3 and epochs[:3] != epochs[6:]
+    # Through the pipeline: 6 scans, batches of 2 -> one epoch every 3 batches.
+    ids = [c for b in _take(_iter(store, seed=0, with_ids=True), 6) for c in b["case"]]
+    assert sorted(ids[:6]) == sorted(ids[6:]) == sorted(store.ids) and ids[:6] != ids[6:]
 
 
 def test_restored_state_gives_the_same_next_batches(store):

@@ -1,6 +1,7 @@
 """The Grain input pipeline: random patches from the store -> per-host batches -> global arrays.
 
-    MapDataset.source(ScanSource).seed(seed).shuffle().repeat(num_epochs)   # global sample g
+    EpochShuffle(MapDataset.source(ScanSource).seed(seed), seed)             # new order each epoch
+      .repeat(num_epochs)                                                    # global sample g
       .map_with_index(tag g)  .random_map(keep the rng)                      # rng from (seed, g)
       [process_index::process_count]                                         # this host's samples
       .batch(batch_size // process_count, drop_remainder=True,               # a local batch:
@@ -77,6 +78,41 @@ def allow_worker_processes() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class EpochShuffle(grain.MapDataset):
+    """`parent` in a new random order each epoch: element e*n + i (epoch e, n = len(parent))
+    is parent[e*n + perm_e[i]], perm_e a numpy permutation seeded by (seed, e) and made once
+    per epoch in each process. It replaces Grain's `shuffle`, whose per-element cipher works
+    on a domain of at least 2**16 and walks ~65536/n cycles to land inside a small one: 3.8 ms
+    a sample for the 8 scans of a benchmark cohort (5-shot subsets are smaller still), 35 us
+    at n = 1000, against ~1 us here."""
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = int(seed)
+        self._perms: dict[int, np.ndarray] = {}  # a few recent epochs (workers straddle two)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return f"EpochShuffle(seed={self._seed})"
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self._seed, epoch]).permutation(len(self))
+            while len(self._perms) >= 4:
+                self._perms.pop(min(self._perms, default=None), None)
+            self._perms[epoch] = perm
+        return perm
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        epoch, i = divmod(int(index), len(self))
+        return self._parent[epoch * len(self) + int(self.permutation(epoch)[i])]
+
+
 def _tag(index: int, record: dict) -> tuple[int, dict]:
     return index, record
 
@@ -144,7 +180,7 @@ def patch_dataset(store: Store | str, ids: Iterable[str] | None, config: PatchCo
     if normalizer is None:
         normalizer = make_normalizer(config.normalization, [source[i] for i in range(len(source))])
     batcher = PatchBatcher(source.store, config, normalizer, batch_size, with_ids)
-    ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+    ds = EpochShuffle(grain.MapDataset.source(source).seed(seed), seed).repeat(num_epochs)
     ds = ds.map_with_index(_tag).random_map(_keep_rng)
     if num_epochs is not None:  # every host must see the same number of batches
         ds = ds[: len(ds) // batch_size * batch_size]
