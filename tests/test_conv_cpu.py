@@ -124,6 +124,22 @@ def test_conv3d_module_takes_the_fast_path_on_cpu():
                             .as_text()) >= 1
 
 
+def _module_level_conv(x, k):  # one function object, as a training step is
+    return conv_cpu.conv3d(x, k, padding=P1)
+
+
+def test_a_trace_made_inside_use_impl_does_not_leak_out():
+    """JAX caches traces by function, not by the override: a step lowered under
+    use_impl("xla") (to count its FLOPs) and jitted again afterwards must take the CPU path
+    (it silently ran XLA's 3D convolutions, 5x slower, in benchmarks/train_step.py)."""
+    x, k = jnp.ones((1, 6, 8, 8, 4)), jnp.ones((3, 3, 3, 4, 6))
+    with conv_cpu.use_impl("xla"):
+        assert _conv3d_dims(jax.jit(_module_level_conv).lower(x, k).as_text()) == 1
+    assert _conv3d_dims(jax.jit(_module_level_conv).lower(x, k).as_text()) == 0
+    with conv_cpu.use_impl("xla"):  # and the other way round
+        assert _conv3d_dims(jax.jit(_module_level_conv).lower(x, k).as_text()) == 1
+
+
 def test_conv3d_module_matches_lax_with_bias():
     layer = Conv3d(3, 5, 3, 2, use_bias=True, rngs=nnx.Rngs(1))
     layer.bias.set_value(jnp.arange(5, dtype=jnp.float32))

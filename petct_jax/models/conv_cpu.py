@@ -42,8 +42,8 @@ shapes): importing `petct_jax` sets that flag before any backend starts (`petct_
 Selection: `impl="auto"` (what `petct_jax.models.layers.Conv3d` uses) takes the fast path when
 JAX's default backend is the CPU at trace time and keeps `lax.conv_general_dilated` elsewhere
 (cuDNN on GPU and the TPU convolution emitters are already fast). `PETCT_CONV3D=xla|cpu|auto`
-in the environment, or the `use_impl(...)` context manager (read at trace time, so re-jit after
-changing it), overrides the choice. `stats["fast"]` counts traces that took the fast path.
+in the environment (read at trace time, so re-jit after changing it), or the `use_impl(...)`
+context manager, overrides the choice. `stats["fast"]` counts traces that took the fast path.
 
 Low precision: each 2D piece accumulates in float32 (`preferred_element_type`), the pieces are
 summed in float32 and the result is cast to the input dtype once, as a single convolution does.
@@ -70,14 +70,25 @@ _override: list[str] = []
 
 @contextlib.contextmanager
 def use_impl(impl: str) -> Iterator[None]:
-    """Force `impl` ("cpu", "xla" or "auto") for convolutions traced inside the block."""
+    """Force `impl` ("cpu", "xla" or "auto") for convolutions traced inside the block.
+
+    JAX caches a function's trace by the function, not by this choice: a step lowered inside
+    the block and jitted again after it would keep the block's convolutions (and the other
+    way round). So where the block changes the choice, JAX's caches are cleared on entering
+    and on leaving it (`jax.clear_caches`: functions compiled before are compiled again)."""
     if impl not in IMPLS:
         raise ValueError(f"conv3d impl must be one of {IMPLS}, got {impl!r}")
+    before = resolve_impl()
     _override.append(impl)
+    changed = resolve_impl() != before
+    if changed:
+        jax.clear_caches()
     try:
         yield
     finally:
         _override.pop()
+        if changed:
+            jax.clear_caches()
 
 
 def resolve_impl(impl: str = "auto") -> str:
