@@ -80,16 +80,16 @@ def allow_worker_processes() -> None:
 
 class EpochShuffle(grain.MapDataset):
     """`parent` in a new random order each epoch: element e*n + i (epoch e, n = len(parent))
-    is parent[e*n + perm_e[i]], perm_e a numpy permutation seeded by (seed, e) and made once
-    per epoch in each process. It replaces Grain's `shuffle`, whose per-element cipher works
-    on a domain of at least 2**16 and walks ~65536/n cycles to land inside a small one: 3.8 ms
-    a sample for the 8 scans of a benchmark cohort (5-shot subsets are smaller still), 35 us
-    at n = 1000, against ~1 us here."""
+    is parent[e*n + perm_e[i]], perm_e a numpy permutation seeded by (seed, e), kept for the
+    epoch last asked for (made again only where a batch straddles two epochs). It replaces
+    Grain's `shuffle`, whose per-element cipher works on a domain of at least 2**16 and walks
+    ~65536/n cycles to land inside a small one: 3.8 ms a sample for the 8 scans of a benchmark
+    cohort (5-shot subsets are smaller still), 35 us at n = 1000, against ~1 us here."""
 
     def __init__(self, parent: grain.MapDataset, seed: int):
         super().__init__(parent)
         self._seed = int(seed)
-        self._perms: dict[int, np.ndarray] = {}  # a few recent epochs (workers straddle two)
+        self._last: tuple[int, np.ndarray] | None = None  # (epoch, perm): one object, thread-safe
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -98,13 +98,10 @@ class EpochShuffle(grain.MapDataset):
         return f"EpochShuffle(seed={self._seed})"
 
     def permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self._seed, epoch]).permutation(len(self))
-            while len(self._perms) >= 4:
-                self._perms.pop(min(self._perms, default=None), None)
-            self._perms[epoch] = perm
-        return perm
+        last = self._last
+        if last is None or last[0] != epoch:
+            last = self._last = (epoch, np.random.default_rng([self._seed, epoch]).permutation(len(self)))
+        return last[1]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
