@@ -75,7 +75,9 @@ def use_impl(impl: str) -> Iterator[None]:
     JAX caches a function's trace by the function, not by this choice: a step lowered inside
     the block and jitted again after it would keep the block's convolutions (and the other
     way round). So where the block changes the choice, JAX's caches are cleared on entering
-    and on leaving it (`jax.clear_caches`: functions compiled before are compiled again)."""
+    and on leaving it (`jax.clear_caches`: functions compiled before are compiled again, and a
+    function jitted inside the block and called after it is traced again on the path outside;
+    `jax.jit(f).lower(...).compile()` inside the block gives an executable that keeps it)."""
     if impl not in IMPLS:
         raise ValueError(f"conv3d impl must be one of {IMPLS}, got {impl!r}")
     before = resolve_impl()
