@@ -245,4 +245,3 @@ def conv_flops(x_shape: Sequence[int], kernel_shape: Sequence[int], strides: Seq
     outs = [out_size(n, k, s, p) for n, k, s, p in
             zip(x_shape[1:4], kernel_shape[:3], strides, padding)]
     return 2 * x_shape[0] * math.prod(outs) * math.prod(kernel_shape)
-
