@@ -50,14 +50,7 @@ NPROC=${NPROC:-1}
 PORT=${PORT:-12355}
 DRY_RUN=${DRY_RUN:-0}
 
-# Print a command so that it can be pasted into a shell (words quoted only when needed).
-show() {
-  local out=() w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=,@+%-]+$ ]]; then out+=("$w"); else out+=("'${w//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/show.sh"  # show: a command as a pastable line
 
 read -r -a petct_cmd <<< "$PETCT"
 cmd=("${petct_cmd[@]}" pretrain --config "$CONFIG" --workdir "$WORKDIR" "--config.store=$STORE" "$@")

@@ -45,14 +45,7 @@ REPO_DIR=${REPO_DIR:-"~/petct-jax"}  # quoted: the remote shell expands ~
 PETCT=${PETCT:-petct}
 DRY_RUN=${DRY_RUN:-0}
 
-# Print a command so that it can be pasted into a shell (words quoted only when needed).
-show() {
-  local out=() w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=,@+%-]+$ ]]; then out+=("$w"); else out+=("'${w//\'/\'\\\'\'}'"); fi
-  done
-  echo "${out[*]}"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/show.sh"  # show: a command as a pastable line
 
 args=(pretrain --config "$CONFIG" --workdir "$WORKDIR" "--config.store=$STORE" "$@")
 if [[ "$DRY_RUN" == 1 ]]; then
