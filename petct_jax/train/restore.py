@@ -27,8 +27,9 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint_step(workdir: str, which: str | int = "best") -> int:
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir),
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    # The options read_only implies, spelled out: orbax warns about each one it has to change.
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
     steps = list(manager.all_steps())
     if not steps:
         raise PetctError(f"{workdir}: no finished checkpoint")
