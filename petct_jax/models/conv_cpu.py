@@ -25,6 +25,8 @@ passes were measured and were not faster: the kernel gradient as one 2D convolut
 depth taps folded into its batch or output channels, as im2col + one matmul, or as KH*KW
 matmuls over row-shifted views of the flattened padded input (fast alone, but XLA copies
 every shifted view and runs the nine products concurrently, 1.2-2.5x slower in context).
+The kernel gradient's GEMMs run at the forward's rate; two thirds of its time is Eigen packing
+its image-sized patches, and every formulation that writes them out first costs more (RESULTS.md).
 
 Materialized operands (`materialize`): the input of every convolution, and a depth-tap sum, are
 written to memory once and read from there. XLA:CPU otherwise fuses the elementwise work that
