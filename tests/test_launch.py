@@ -103,6 +103,11 @@ def test_local_dry_run_one_process():
                                  "runs/mae", "--config.store=runs/store", "--dry-run"]
 
 
+def test_local_dry_run_quotes_words_a_shell_would_split():
+    [argv] = _dry("local.sh", "--config.seed=1", STORE="runs/store", WORKDIR="runs/it's a run")
+    assert _petct_args(argv)[3:5] == ["--workdir", "runs/it's a run"]
+
+
 def test_local_dry_run_processes_on_localhost():
     lines = _dry("local.sh", STORE="s", WORKDIR="w", NPROC="2", CPU_DEVICES="2", PORT="23456")
     assert len(lines) == 2
