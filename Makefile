@@ -20,8 +20,8 @@ test: install-torch
 demo: install
 	petct demo --workdir runs/demo
 
-# What a lent GPU machine lacks for benchmarks/gpu_checks.sh (its image has jax, flax, torch:
-# /work/.library/device), as Python 3.12 manylinux wheels in .whl/ to carry there.
+# What a lent GPU machine lacks for benchmarks/gpu_checks.sh (its image has jax, flax and
+# torch), as Python 3.12 manylinux wheels in .whl/ to carry there.
 gpu-wheels:
 	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

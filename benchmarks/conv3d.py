@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages
+from petct_jax.cpu_process import prepare_cpu_process
+from petct_jax.hugepages import huge_pages_on
 from petct_jax.models import conv_cpu, layers
 from petct_jax.models.plain_unet import PlainConvUNet
 
@@ -125,8 +126,7 @@ def main() -> None:
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="keep glibc's default malloc (no re-exec with transparent huge pages)")
     args = parser.parse_args()
-    if not args.no_huge_pages:
-        reexec_with_huge_pages()
+    prepare_cpu_process(huge_pages=not args.no_huge_pages)
     if args.torch:
         import torch
         torch.set_num_threads(os.cpu_count())

@@ -45,7 +45,8 @@ import time
 
 import numpy as np
 
-from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages  # noqa: E402
+from petct_jax.cpu_process import prepare_cpu_process
+from petct_jax.hugepages import huge_pages_on  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -77,8 +78,7 @@ def synthetic_scan(shape, seed: int = 0) -> np.ndarray:
 
 def main() -> None:
     args = parse_args()
-    if not args.no_huge_pages:
-        reexec_with_huge_pages()
+    prepare_cpu_process(huge_pages=not args.no_huge_pages)
 
     import jax
     import torch

@@ -46,6 +46,8 @@ import math
 import os
 import time
 
+from petct_jax.cpu_process import prepare_cpu_process
+
 DEFAULT = ("plain_unet", "swin_small")
 ALL = ("plain_unet", "resenc_l", "swin_small", "swin_base", "swin_large")
 REMATS = {"none": None, "stage": "stage", "stage_dots": "stage_dots"}
@@ -133,6 +135,7 @@ def remat_sanity_check() -> dict:
 
 def main() -> None:
     args = parse_args()
+    prepare_cpu_process(huge_pages=False)  # CPU figures of the program `petct` runs: its XLA flag
     os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # configs/ paths
     import jax
 

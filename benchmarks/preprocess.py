@@ -5,7 +5,7 @@
 Builds a phantom AutoPET cohort (`petct phantoms`), then harmonizes it twice from the
 same files (read once beforehand so both find them in the page cache):
 
-* ours: `preprocessing.preprocess.preprocess` (affine resampling in float32 with the
+* ours: `petct_jax.preprocessing.preprocess.preprocess` (affine resampling in float32 with the
   diagonal fast path, body crop, exact statistics, lesion index, source hashes,
   float16/int16/uint8 zarr3 shards, Blosc LZ4HC), `--workers` processes;
 * reference: a faithful re-implementation of the authors' approach: per scan, one
@@ -34,8 +34,8 @@ from scipy import ndimage as ndi
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from preprocessing.phantoms import generate_cohort  # noqa: E402
-from preprocessing.preprocess import preprocess  # noqa: E402
+from petct_jax.phantoms import generate_cohort  # noqa: E402
+from petct_jax.preprocessing.preprocess import preprocess  # noqa: E402
 
 TARGET_ZYX = (3.0, 2.0, 2.0)
 

@@ -56,7 +56,8 @@ import time
 from typing import Any, Callable
 
 import numpy as np
-from petct_jax.hugepages import huge_pages_on, reexec_with_huge_pages  # noqa: E402
+from petct_jax.cpu_process import prepare_cpu_process
+from petct_jax.hugepages import huge_pages_on  # noqa: E402
 
 NETS = {
     # the paper's network (configs/pretrain.py:plain_unet): 6 stages 32..320, 31.2M parameters
@@ -367,8 +368,7 @@ def loss_of(model: Any, x, mask):
 
 def main() -> None:
     args = parse_args()
-    if not args.no_huge_pages:
-        reexec_with_huge_pages()
+    prepare_cpu_process(huge_pages=not args.no_huge_pages)
     import jax
     import torch
 

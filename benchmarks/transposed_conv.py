@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from petct_jax.cpu_process import prepare_cpu_process
 from petct_jax.models.layers import ConvTranspose3d
 from petct_jax.models.plain_unet import PlainConvUNet
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--shape", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"))
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    prepare_cpu_process(huge_pages=False)
 
     ours = PlainConvUNet(rngs=nnx.Rngs(0))
     flax_model = nnx.clone(ours)

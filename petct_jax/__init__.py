@@ -4,8 +4,3 @@ Arrays are channels-last, (batch, z, y, x, channels); channel 0 = PET, channel 1
 """
 
 __version__ = "0.1.0"
-
-# Before any JAX backend starts: XLA reads its flags once (petct_jax/xla_flags.py).
-from petct_jax.xla_flags import prefer_eigen_convolutions as _prefer_eigen_convolutions  # noqa: E402
-
-_prefer_eigen_convolutions()

@@ -13,15 +13,14 @@ import sys
 
 from petct_jax.config import split_overrides
 from petct_jax.errors import PetctError
-from petct_jax.hugepages import reexec_with_huge_pages
 
 # name -> (module, one-line help). Only subcommands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("petct_jax.demo", "The whole pipeline on a synthetic cohort: phantoms, store, MAE, fine-tuning, probing, report."),
-    "phantoms": ("preprocessing.phantoms", "Generate a digital whole-body FDG PET/CT cohort (AutoPET or nnU-Net layout)."),
-    "preprocess": ("preprocessing.preprocess", "Harmonize raw PET/CT cohorts into a TensorStore zarr3 store."),
-    "export": ("preprocessing.export", "Write a harmonized case back to NIfTI (pet, ct, seg) with correct affines."),
-    "store-info": ("preprocessing.store_info", "Summarize a store: cases, cohorts, labels, lesions, bytes."),
+    "phantoms": ("petct_jax.phantoms", "Generate a digital whole-body FDG PET/CT cohort (AutoPET or nnU-Net layout)."),
+    "preprocess": ("petct_jax.preprocessing.preprocess", "Harmonize raw PET/CT cohorts into a TensorStore zarr3 store."),
+    "export": ("petct_jax.preprocessing.export", "Write a harmonized case back to NIfTI (pet, ct, seg) with correct affines."),
+    "store-info": ("petct_jax.preprocessing.store_info", "Summarize a store: cases, cohorts, labels, lesions, bytes."),
     "pretrain": ("petct_jax.mae.pretrain", "MAE-pretrain a UNet backbone on a store (--config configs/pretrain.py:VARIANT)."),
     "convert": ("petct_jax.convert.cli", "Convert weights between PyTorch (nnU-Net, MONAI) and petct-jax."),
     "predict": ("petct_jax.downstream.predict", "Segment lesions in new PET/CT scans with a fine-tuned model; writes NIfTI masks on the input PET grid."),
@@ -30,8 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("petct_jax.downstream.probe", "k-shot linear probing of frozen pretrained features (joint or separated PET/CT)."),
     "study": ("petct_jax.study", "The paper's experiment grid (MAE, fine-tuning at label fractions, probes, seeds): resumable cells, one report."),
 }
-# Commands that run networks: they restart once with huge pages (petct_jax/hugepages.py; a
-# CPU training step is ~3x faster with them). The data tools start straight away.
+# Commands that run networks: on a CPU run they restart once with huge pages
+# (petct_jax/hugepages.py; a CPU training step is ~3x faster with them). The data tools start
+# straight away.
 HEAVY_COMMANDS = ("demo", "pretrain", "finetune", "probe", "predict", "study")
 
 
@@ -51,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv)  # prints usage or the error, and exits
     name = argv[0]
-    if from_command_line and name in HEAVY_COMMANDS:
-        reexec_with_huge_pages()
+    if from_command_line:
+        from petct_jax.cpu_process import prepare_cpu_process
+
+        prepare_cpu_process(huge_pages=name in HEAVY_COMMANDS)
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"petct {name}", description=help_text)

@@ -2,7 +2,10 @@
 
 A config file defines `get_config(arg: str | None) -> ml_collections.ConfigDict`.
 On the command line, `--config configs/pretrain.py:tiny --config.optim.lr=1e-3`
-loads the file, calls `get_config("tiny")` and applies each override. Values are
+loads the file, calls `get_config("tiny")` and applies each override. `--config` is a
+path, or the name of a config the package installs (`pretrain.py:tiny`, or
+`configs/pretrain.py:tiny` from a directory that has no such file), so installed
+copies run from any directory. Values are
 parsed as Python literals (`1e-3`, `(96,128,128)`, `True`, `None`, `'text'`), falling
 back to a plain string; an override must name an existing key, and keeps the type of
 the value it replaces.
@@ -11,6 +14,7 @@ the value it replaces.
 from __future__ import annotations
 
 import ast
+import importlib.resources
 import importlib.util
 import os
 from typing import Sequence
@@ -20,11 +24,36 @@ import ml_collections
 from petct_jax.errors import PetctError
 
 
+def packaged_config(name: str) -> str:
+    """The installed path of config file `name` (`pretrain.py`) in `petct_jax.configs`."""
+    path = importlib.resources.files("petct_jax.configs") / name
+    if not path.is_file():
+        raise PetctError(f"--config: petct_jax installs no config {name!r}; "
+                         f"packaged configs: {', '.join(packaged_config_names())}")
+    return str(path)
+
+
+def packaged_config_names() -> list[str]:
+    return sorted(p.name for p in importlib.resources.files("petct_jax.configs").iterdir()
+                  if p.name.endswith(".py") and not p.name.startswith("_"))
+
+
+def config_file_path(path: str) -> str:
+    """`path` when it names a file; else, for `NAME.py` or `configs/NAME.py`, the packaged one."""
+    if os.path.isfile(path):
+        return path
+    if os.path.dirname(os.path.normpath(path)) in ("", "configs") and path.endswith(".py"):
+        name = os.path.basename(path)
+        if name in packaged_config_names():
+            return packaged_config(name)
+    raise PetctError(f"--config: no such config file {path!r} (packaged configs: "
+                     f"{', '.join(packaged_config_names())})")
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """Load `path/to/file.py[:arg]` by calling its `get_config(arg)`."""
+    """Load `path/to/file.py[:arg]` (or a packaged `NAME.py[:arg]`) via its `get_config(arg)`."""
     path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        raise PetctError(f"--config: no such config file {path!r}")
+    path = config_file_path(path)
     module_spec = importlib.util.spec_from_file_location(
         f"petct_config_{os.path.splitext(os.path.basename(path))[0]}", path)
     module = importlib.util.module_from_spec(module_spec)

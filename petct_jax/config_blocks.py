@@ -1,10 +1,9 @@
 """The parts that the config files (configs/pretrain.py, finetune.py, probe.py, study.py)
 share: variant-token parsing, the backbone table, and groups of settings.
 
-It lives in the package rather than in configs/ because config files are loaded by path
-under made-up module names (`petct_jax.config.load_config_file`, `petct study`, the
-benchmarks), so configs/ is neither a package nor on sys.path, while petct_jax is
-importable wherever a config is loaded.
+It is a module of its own rather than a file in configs/ because config files are loaded
+by path under made-up module names (`petct_jax.config.load_config_file`), so a file given
+by path outside the package can import it but not a sibling config.
 """
 
 from __future__ import annotations

@@ -105,11 +105,10 @@ def apply_sizes(config, sizes: dict) -> None:
 
 def study_config(store: str, split_path: str, sizes: dict = DEMO):
     """The `configs/study.py:demo` config (`demo,quick` for QUICK) for this store and split."""
-    from petct_jax.config import resolve
-    from petct_jax.study import configs_dir
+    from petct_jax.config import packaged_config, resolve
 
     variant = "demo,quick" if sizes == QUICK else "demo"
-    config = resolve(os.path.join(configs_dir(), f"study.py:{variant}"),
+    config = resolve(f"{packaged_config('study.py')}:{variant}",
                      [f"store={store}", f"split={split_path}"])
     apply_sizes(config, sizes)  # the same for DEMO and QUICK; other sizes for callers of demo()
     return config
@@ -121,8 +120,8 @@ _STAGES = {"pretrain": (4, "MAE pretraining: joint PET+CT, PET-only, CT-only"),
 
 def demo(workdir: str, sizes: dict = DEMO) -> str:
     from petct_jax.study import study
-    from preprocessing.phantoms.cohort import generate_cohort
-    from preprocessing.preprocess import preprocess
+    from petct_jax.phantoms.cohort import generate_cohort
+    from petct_jax.preprocessing.preprocess import preprocess
 
     started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)

@@ -13,7 +13,8 @@ threshold instead (`mallopt`, no restart) did not help (16.7 s): the pages' size
 only their faulting.
 
 Tunables are read when a process starts, hence a re-exec. `petct` does it for its
-compute-heavy commands (`HEAVY_COMMANDS`) and the perf benchmarks for themselves. It is a no-op
+compute-heavy commands (`HEAVY_COMMANDS`) and the perf benchmarks for themselves, on CPU runs
+only (`cpu_process.py`). It is a no-op
 when the tunable is already set, off Linux, or when PETCT_NO_REEXEC is set (the opt-out).
 Child processes (Grain's workers) inherit the setting.
 """

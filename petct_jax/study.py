@@ -135,14 +135,6 @@ def _quote(text: str) -> str:
     return f"'{text}'" if any(ch in text for ch in " ()'\",") else text
 
 
-def configs_dir() -> str:
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-    if not os.path.isdir(here):
-        raise PetctError("configs/ not found next to petct_jax: run from a source checkout "
-                         "installed with `pip install -e .`")
-    return here
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--config", required=True,
                         help="configs/study.py[:VARIANT] (autopet, demo; backbone tokens); then any "
@@ -192,7 +184,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Cell]:
 
     Resolves configs only (no JAX, no store): the dry run and the tests call it freely.
     """
-    from petct_jax.config import apply_overrides, resolve
+    from petct_jax.config import apply_overrides, packaged_config, resolve
 
     for key, allowed in (("mae.modalities", ("joint", "pet", "ct")),
                          ("finetune.inits", ("scratch", "mae")),
@@ -222,7 +214,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Cell]:
 
     def add(kind, backbone, short, variant, base, own, depends=(), **fields):
         name = f"{backbone}/{short}"
-        cfg = resolve(os.path.join(configs_dir(), f"{CONFIG_FILES[kind]}:{variant}"), base)
+        cfg = resolve(f"{packaged_config(CONFIG_FILES[kind])}:{variant}", base)
         own = own(cfg) if callable(own) else own
         apply_overrides(cfg, own)
         cells.append(Cell(name=name, kind=kind, backbone=backbone, variant=variant,
@@ -311,9 +303,10 @@ def _read_json(path: str) -> dict | None:
 
 
 def _latest_checkpoint(workdir: str) -> int | None:
-    d = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in os.listdir(d) if n.isdigit()] if os.path.isdir(d) else []
-    return max(steps) if steps else None
+    from petct_jax.train.checkpoint import finished_steps
+
+    steps = finished_steps(workdir)
+    return steps[-1] if steps else None
 
 
 def cell_summary(cell: Cell) -> dict | None:
@@ -565,12 +558,12 @@ def forward_tflop(token: str, patch: Sequence[int] = REF_PATCH) -> float:
     import jax.numpy as jnp
     from flax import nnx
 
-    from petct_jax.config import resolve
+    from petct_jax.config import packaged_config, resolve
     from petct_jax.models.conv_cpu import use_impl
     from petct_jax.train.backbone import build_backbone
     from petct_jax.train.plan import xla_flops
 
-    cfg = resolve(os.path.join(configs_dir(), f"finetune.py:{token}"))
+    cfg = resolve(f"{packaged_config('finetune.py')}:{token}")
     model = nnx.eval_shape(lambda: build_backbone(cfg.model, 2, 2, nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     x = jax.ShapeDtypeStruct((1, *patch, 2), jnp.float32)
@@ -598,8 +591,8 @@ def estimate(cell: Cell, est: ml_collections.ConfigDict) -> dict:
     if token not in FORWARD_TFLOP:
         return {"steps": int(cfg.total_steps), "train_steps": int(cfg.total_steps), "ms_per_step": None,
                 "hours": None, "note": f"no FLOP figure for backbone {token!r}"}
-    from petct_jax.config import resolve
-    default = resolve(os.path.join(configs_dir(), f"{cell.config_file}:{cell.variant}"))
+    from petct_jax.config import packaged_config, resolve
+    default = resolve(f"{packaged_config(cell.config_file)}:{cell.variant}")
     if cell.kind != "probe" and cfg.model.to_dict() != default.model.to_dict():
         note = f"model overridden: FLOP of {token}'s default, scaled by patch only"
     patch = tuple(cfg.data.patch)

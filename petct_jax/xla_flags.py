@@ -1,10 +1,10 @@
-"""XLA:CPU settings petct-jax needs, put in the environment when `petct_jax` is imported.
+"""The XLA:CPU flag petct-jax's CPU runs want, put in the environment by entry points.
 
-XLA reads XLA_FLAGS once, when the first JAX backend starts, so they must be in place before
-anything calls `jax.devices()`, `jax.default_backend()` or runs a computation. Setting them in
-the package's `__init__` (this module imports no JAX) covers every entry point that imports
-petct_jax first: the `petct` commands, the benchmarks, a user's script. A program that starts
-a JAX backend before importing petct_jax keeps XLA's defaults (see `prefer_eigen_convolutions`).
+XLA reads XLA_FLAGS once, when the first JAX backend starts, so it must be in place before
+anything calls `jax.devices()`, `jax.default_backend()` or runs a computation. The `petct`
+command line, the benchmarks and the test suite set it first thing, and only for a CPU run
+(`cpu_process.prepare_cpu_process`); importing the library changes no environment. A user's
+own script can call `prefer_eigen_convolutions()` before it starts JAX.
 
 XLA:CPU hands 2D convolutions (and some fusions around them) to YNNPACK by default, which ran
 them at ~85 GFLOP/s on our 2-core test machines against ~155 GFLOP/s for XLA's Eigen 2D

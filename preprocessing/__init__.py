@@ -1,5 +1,6 @@
 """Offline stage: raw PET/CT cohorts (NIfTI) -> harmonized TensorStore store.
 
-Also home of the digital phantom cohort generator (`petct phantoms`), which writes
-raw cohorts in the AutoPET and nnU-Net layouts.
+Installed as `petct_jax.preprocessing` (pyproject maps this folder into the package).
+The synthetic cohorts it reads come from `petct_jax.phantoms`, a data source upstream
+of this stage.
 """

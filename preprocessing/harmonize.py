@@ -79,7 +79,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from petct_jax.errors import PetctError
-from preprocessing.readers import CaseSpec
+from petct_jax.preprocessing.readers import CaseSpec
 
 PREPROCESSING_VERSION = "petct-harmonize-1"
 DEFAULT_SPACING_ZYX = (3.0, 2.0, 2.0)

@@ -33,8 +33,8 @@ from petct_jax import store
 from petct_jax.errors import PetctError
 from petct_jax.folder_lock import folder_lock
 from petct_jax.parent_watch import exit_with_parent
-from preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
-from preprocessing.readers import LAYOUTS, CaseSpec, list_cases
+from petct_jax.preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
+from petct_jax.preprocessing.readers import LAYOUTS, CaseSpec, list_cases
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,13 @@ import tempfile
 
 import pytest
 
+from petct_jax.cpu_process import prepare_cpu_process
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The suite is an entry point like `petct`: XLA:CPU's flag goes in before any test starts a
+# backend, and reaches the processes tests start through the environment.
+prepare_cpu_process(huge_pages=False)
 
 # One persistent XLA compilation cache for the whole run, shared by the pytest workers and by
 # the `petct` processes tests start (environment variables, set before any test imports JAX):
@@ -22,8 +28,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 @pytest.fixture(scope="session")
 def phantom_store(tmp_path_factory):
     """6 tiny whole-body phantom studies (AutoPET layout) preprocessed into a store."""
-    from preprocessing.phantoms.cohort import generate_cohort
-    from preprocessing.preprocess import preprocess
+    from petct_jax.phantoms.cohort import generate_cohort
+    from petct_jax.preprocessing.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("phantom_store")
     raw, store = str(root / "raw"), str(root / "store")

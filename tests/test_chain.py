@@ -15,7 +15,7 @@ from downstream_helpers import TINY_DATA, TINY_UNET, phantom_split, tiny_mae_run
 
 def test_pretrain_finetune_predict_evaluate(phantom_store, tmp_path):
     from petct_jax import cli
-    from preprocessing.readers import list_cases
+    from petct_jax.preprocessing.readers import list_cases
 
     mae = tiny_mae_run(phantom_store, str(tmp_path), "joint")
     split = str(tmp_path / "split.json")

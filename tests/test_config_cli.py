@@ -35,6 +35,24 @@ def test_overrides_are_typed_and_checked():
         resolve("configs/missing.py")
 
 
+def test_packaged_names_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_name = resolve("pretrain.py:tiny")
+    assert by_name == resolve("configs/pretrain.py:tiny")
+    assert by_name.model.name == "plain_unet"
+    assert resolve("pretrain.py:tiny", ["batch_size=3"]).batch_size == 3
+    with pytest.raises(PetctError, match="no such config file 'pretrain.pyy'.*finetune.py, "
+                                         "pretrain.py, probe.py, study.py"):
+        resolve("pretrain.pyy")
+    # A file the user names wins over the packaged config of the same name.
+    (tmp_path / "pretrain.py").write_text(
+        "import ml_collections\n"
+        "def get_config(arg):\n    return ml_collections.ConfigDict({'arg': arg})\n")
+    assert resolve("pretrain.py:mine").arg == "mine"
+    with pytest.raises(PetctError, match="no such config file 'elsewhere/pretrain.py'"):
+        resolve("elsewhere/pretrain.py")
+
+
 def test_split_overrides_accepts_both_spellings():
     rest, ov = split_overrides(["--workdir", "w", "--config.a=1", "--config.b", "2"])
     assert rest == ["--workdir", "w"] and ov == ["a=1", "b=2"]

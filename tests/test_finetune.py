@@ -332,8 +332,8 @@ def cohort16(tmp_path_factory):
     """16 tiny phantom studies (15 patients; 9 scans with lesions) and a patient-level split
     with 3 lesion scans + 2 tumour-free scans for testing."""
     from petct_jax.store import Store
-    from preprocessing.phantoms.cohort import generate_cohort
-    from preprocessing.preprocess import preprocess
+    from petct_jax.phantoms.cohort import generate_cohort
+    from petct_jax.preprocessing.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("cohort16")
     generate_cohort(str(root / "raw"), 16, seed=0, size="tiny", progress=False)

@@ -59,7 +59,7 @@ def test_training_refuses_a_workdir_in_use_and_writes_nothing(tmp_path):
 
 def test_preprocess_refuses_a_store_in_use(tmp_path):
     import nifti_scenes as ns
-    from preprocessing.preprocess import preprocess
+    from petct_jax.preprocessing.preprocess import preprocess
     raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
     ns.write_scan(os.path.join(raw, "PETCT_a", "s"))
     with folder_lock(out, "petct preprocess"):

@@ -11,8 +11,8 @@ import pytest
 from scipy import ndimage as ndi
 
 import nifti_scenes as ns
-from preprocessing import harmonize as hz
-from preprocessing.readers import CaseSpec
+from petct_jax.preprocessing import harmonize as hz
+from petct_jax.preprocessing.readers import CaseSpec
 
 SPACING = (3.0, 2.0, 2.0)
 HALF_VOXEL_RAS = np.array(SPACING[::-1]) / 2  # tolerance per world axis (R, A, S)

@@ -19,12 +19,12 @@ from scipy import ndimage as ndi
 
 from petct_jax.cli import main
 from petct_jax.errors import PetctError
-from preprocessing.phantoms import generate_cohort
-from preprocessing.phantoms.anatomy import T, tissue_tables
-from preprocessing.phantoms.centres import SIZES
-from preprocessing.phantoms.grids import Grid, resample_linear
-from preprocessing.phantoms.study import case_table, plan_patient, plan_study, render_study
-from preprocessing.phantoms.writers import save_nifti
+from petct_jax.phantoms import generate_cohort
+from petct_jax.phantoms.anatomy import T, tissue_tables
+from petct_jax.phantoms.centres import SIZES
+from petct_jax.phantoms.grids import Grid, resample_linear
+from petct_jax.phantoms.study import case_table, plan_patient, plan_study, render_study
+from petct_jax.phantoms.writers import save_nifti
 
 SEED = 386
 N_CASES = 4

@@ -139,8 +139,8 @@ def test_errors_missing_file_non_overlap_and_ct_needed(tmp_path, threshold_fn):
 
 
 def test_batch_form_over_autopet_and_nnunet_folders(tmp_path, threshold_fn):
-    from preprocessing.phantoms.cohort import generate_cohort
-    from preprocessing.readers import list_cases
+    from petct_jax.phantoms.cohort import generate_cohort
+    from petct_jax.preprocessing.readers import list_cases
 
     p = threshold_predictor(threshold_fn)
     for layout in ("autopet", "nnunet"):
@@ -250,7 +250,7 @@ def workdir(tmp_path_factory):
 
 
 def test_end_to_end_from_a_workdir(workdir, tmp_path, capsys):
-    from preprocessing.phantoms.cohort import generate_cohort
+    from petct_jax.phantoms.cohort import generate_cohort
 
     raw, out, probs = str(tmp_path / "raw"), str(tmp_path / "pred"), str(tmp_path / "prob")
     generate_cohort(raw, 2, seed=0, size="tiny", progress=False)

@@ -18,10 +18,10 @@ import nifti_scenes as ns
 from process_helpers import HAS_PROC, alive, kill_all, spawned_workers, wait_for
 from petct_jax import cli, store
 from petct_jax.errors import PetctError
-from preprocessing import readers
-from preprocessing.export import export_case
-from preprocessing.preprocess import preprocess
-from preprocessing.store_info import store_summary
+from petct_jax.preprocessing import readers
+from petct_jax.preprocessing.export import export_case
+from petct_jax.preprocessing.preprocess import preprocess
+from petct_jax.preprocessing.store_info import store_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HALF_VOXEL_RAS = np.array([1.0, 1.0, 1.5])
@@ -365,7 +365,7 @@ def _components_world(seg: np.ndarray, affine: np.ndarray) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("layout", ["autopet", "nnunet"])
 def test_phantom_cohorts_round_trip(tmp_path, layout):
-    phantoms = pytest.importorskip("preprocessing.phantoms")
+    phantoms = pytest.importorskip("petct_jax.phantoms")
     raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
     sidecar = phantoms.generate_cohort(raw, 3, seed=1, layout=layout, size="tiny", progress=False)
     summary = preprocess(raw, out, workers=1, progress=False)

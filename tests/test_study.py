@@ -212,8 +212,8 @@ def test_demo_variant_plans_exactly_the_demo_runs(tmp_path, quick):
 def test_demo_runs_its_study_and_skips_finished_cells(tmp_path, monkeypatch):
     """`petct demo` = data stages + study(demo variant) + report: the cells the study runs are
     the plan's, in order, once; a second demo trains nothing."""
-    import preprocessing.phantoms.cohort as cohort
-    import preprocessing.preprocess as prep
+    import petct_jax.phantoms.cohort as cohort
+    import petct_jax.preprocessing.preprocess as prep
     from petct_jax import demo, demo_report
 
     calls, reports = [], []

@@ -26,6 +26,7 @@ import os
 from typing import Any
 
 from petct_jax.convert.io import (
+    is_converted_dir,
     load_converted,
     read_state_dict,
     save_converted,
@@ -33,7 +34,7 @@ from petct_jax.convert.io import (
 )
 from petct_jax.errors import PetctError
 
-__all__ = ["CONVERTERS", "MODEL_SOURCES", "from_torch", "load_converted", "load_model",
+__all__ = ["CONVERTERS", "from_torch", "load_converted", "load_model",
            "read_state_dict", "save_converted", "save_state_dict", "to_torch"]
 
 # registry name -> (converter module, fixed keyword arguments for its from_torch_state)
@@ -42,14 +43,6 @@ CONVERTERS: dict[str, tuple[str, dict[str, Any]]] = {
     "resenc_unet": ("petct_jax.convert.nnunet", {"arch": "resenc_unet"}),
     "swin_unetr": ("petct_jax.convert.monai", {}),
 }
-
-# Where `load_model` (and `petct convert jax2torch --in`) finds a JAX model:
-# (name, "module:predicate(path) -> bool", "module:loader(path, **overrides) -> nnx.Module"),
-# tried in order. Other sources (e.g. a trainer's workdir) are appended by their owners.
-MODEL_SOURCES: list[tuple[str, str, str]] = [
-    ("converted", "petct_jax.convert.io:is_converted_dir", "petct_jax.convert.io:load_converted"),
-]
-
 
 def _converter(arch: str) -> tuple[Any, dict[str, Any]]:
     if arch not in CONVERTERS:
@@ -79,15 +72,8 @@ def to_torch(model: Any) -> dict[str, Any]:
     return module.to_torch_state(model)
 
 
-def _resolve(target: str) -> Any:
-    module_name, _, attribute = target.partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
-
-
 def load_model(path: str | os.PathLike, **overrides: Any) -> Any:
-    """A JAX model from the first of `MODEL_SOURCES` that recognises `path`."""
-    for _, predicate, loader in MODEL_SOURCES:
-        if _resolve(predicate)(path):
-            return _resolve(loader)(path, **overrides)
-    kinds = ", ".join(name for name, _, _ in MODEL_SOURCES)
-    raise PetctError(f"{path}: not a JAX model source (known: {kinds})")
+    """The JAX model of a converted-model folder (`petct convert torch2jax --out`)."""
+    if not is_converted_dir(path):
+        raise PetctError(f"{path}: not a converted model folder (model.json + params/)")
+    return load_converted(path, **overrides)

@@ -6,7 +6,7 @@
 
 torch2jax writes `model.json` (arch + constructor arguments) and an Orbax checkpoint of the
 parameters under `params/`; `petct_jax.convert.load_converted(dir)` rebuilds the model.
-jax2torch reads any source of `petct_jax.convert.MODEL_SOURCES` and writes a state_dict that
+jax2torch reads such a folder (`petct_jax.convert.load_model`) and writes a state_dict that
 loads with `load_state_dict(strict=True)` into the PyTorch twin.
 """
 

@@ -175,5 +175,6 @@ def _json_default(value: Any) -> Any:
 
 def resumable(workdir: str) -> bool:
     """Whether `workdir` already holds a checkpoint (the loop will resume from it)."""
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    from petct_jax.train.checkpoint import finished_steps
+
+    return bool(finished_steps(workdir))

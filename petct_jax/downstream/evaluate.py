@@ -35,9 +35,9 @@ import numpy as np
 
 from petct_jax.downstream import metrics
 from petct_jax.errors import PetctError
+from petct_jax.preprocessing.readers import NIFTI_ENDINGS
 from petct_jax.parent_watch import exit_with_parent
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 CSV_COLUMNS = ("case",) + metrics.CASE_KEYS
 
 

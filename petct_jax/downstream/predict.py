@@ -9,7 +9,7 @@
 What happens to a scan, in the order training saw it:
 
 1. Harmonization, by the very function that built the training store
-   (`preprocessing.harmonize.harmonize`): headers checked, CT and PET resampled through
+   (`petct_jax.preprocessing.harmonize.harmonize`): headers checked, CT and PET resampled through
    their affines onto the store's axis-aligned (z, y, x) grid over the PET field of view,
    body crop from the CT, per-scan statistics of the stored dtypes (PET float16 SUV,
    CT int16 HU). The voxel size is the run's store spacing, found in this order:
@@ -40,7 +40,7 @@ of view instead (no body crop; a warning says the PET statistics then differ fro
 training's). A model that needs CT without `--ct` is an error.
 
 The model is built and loaded once, and one jitted network function (fixed window-batch
-shape) serves every scan. The batch form lists cases with `preprocessing.readers` (AutoPET
+shape) serves every scan. The batch form lists cases with `petct_jax.preprocessing.readers` (AutoPET
 or nnU-Net layout, or a CSV list), writes `OUTDIR/<case>.nii.gz`, skips cases whose
 outputs exist unless `--overwrite`, reports a case that fails on one line and goes on
 (exit status 1 when any failed). Outputs are written to a temporary name and renamed, so
@@ -61,8 +61,8 @@ import numpy as np
 
 from petct_jax.data.normalize import CHANNELS, CTForegroundStats, Normalizer, check_channels, make_normalizer
 from petct_jax.errors import PetctError
+from petct_jax.preprocessing.readers import NIFTI_ENDINGS
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +111,7 @@ def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
 
 def parse_spacing(text: str | Sequence[float]) -> tuple[float, float, float]:
     if isinstance(text, str):
-        from preprocessing.preprocess import parse_spacing as parse
+        from petct_jax.preprocessing.preprocess import parse_spacing as parse
         return parse(text)
     values = tuple(float(v) for v in text)
     if len(values) != 3 or not all(v > 0 for v in values):
@@ -213,8 +213,8 @@ class Predictor:
 
     def harmonize(self, pet: str, ct: str | None, case: str) -> tuple[dict[str, np.ndarray], dict]:
         """The scan on the store grid, exactly as preprocessing made the training store."""
-        from preprocessing.harmonize import harmonize
-        from preprocessing.readers import CaseSpec
+        from petct_jax.preprocessing.harmonize import harmonize
+        from petct_jax.preprocessing.readers import CaseSpec
 
         if ct is None and self.needs_ct:
             raise PetctError(f"{case}: the model was trained on {'+'.join(c.upper() for c in self.channels)} "
@@ -247,7 +247,7 @@ class Predictor:
                 probabilities: bool = False, progress: bool = False) -> Prediction:
         """Segment one scan; the result lies on the input PET's grid."""
         import nibabel as nib
-        from preprocessing.harmonize import open_image
+        from petct_jax.preprocessing.harmonize import open_image
 
         start = time.perf_counter()
         case = case or _case_from_path(pet)
@@ -277,7 +277,7 @@ def labels_and_probability(logits: np.ndarray, probabilities: bool) -> tuple[np.
 def to_input_grid(volume: np.ndarray, record: dict, pet_image: Any, *, order: int) -> np.ndarray:
     """Resample a (z, y, x) volume on the record's crop grid onto the input PET's voxels
     (through the affines); voxels outside the crop box get 0 (background)."""
-    from preprocessing.harmonize import Image, resample
+    from petct_jax.preprocessing.harmonize import Image, resample
 
     crop = Image(path="<prediction>", role="prediction", case_id=record["id"],
                  shape=tuple(volume.shape), affine=np.asarray(record["affine_zyx"], dtype=np.float64),
@@ -441,7 +441,7 @@ def predict_one(predictor: Predictor, args: argparse.Namespace) -> int:
 def predict_folder(predictor: Predictor, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from preprocessing.readers import list_cases
+    from petct_jax.preprocessing.readers import list_cases
 
     specs = list_cases(args.input, args.layout)
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -39,7 +39,7 @@ pass, which re-read the tap outputs. Measured on the paper's UNet (2 x 32x64x64,
 2-core Zen 3): 5.8 -> 4.8 s (input only), 6.6 -> 5.4 s (input and tap sums; same run).
 
 The 2D convolutions must run on XLA's Eigen kernels, not YNNPACK's (half the speed on these
-shapes): importing `petct_jax` sets that flag before any backend starts (`petct_jax/xla_flags.py`).
+shapes): the entry points set that flag on CPU runs before any backend starts (`petct_jax/cpu_process.py`).
 
 Selection: `impl="auto"` (what `petct_jax.models.layers.Conv3d` uses) takes the fast path when
 JAX's default backend is the CPU at trace time and keeps `lax.conv_general_dilated` elsewhere

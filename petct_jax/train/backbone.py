@@ -32,14 +32,3 @@ def build_backbone(model_cfg: ml_collections.ConfigDict, in_channels: int, out_c
     overrides["dtype"] = model_cfg.dtype
     overrides["remat"] = model_cfg.remat or None
     return registry.build(model_cfg.name, model_cfg.preset or None, rngs=rngs, **overrides)
-
-
-def constructor_kwargs(model_cfg: ml_collections.ConfigDict, in_channels: int, out_channels: int
-                       ) -> dict:
-    """The full keyword arguments a backbone was built with (preset + overrides), as
-    plain values: what `petct convert` needs to rebuild the torch twin."""
-    kwargs = dict(registry.presets(model_cfg.name).get(model_cfg.preset, {})) if model_cfg.preset else {}
-    kwargs.update(model_cfg.overrides.to_dict() if hasattr(model_cfg.overrides, "to_dict")
-                  else dict(model_cfg.overrides))
-    kwargs.update(channel_kwargs(model_cfg.name, in_channels, out_channels))
-    return kwargs

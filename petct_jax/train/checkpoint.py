@@ -89,9 +89,30 @@ class _DataRestore(ocp.args.CheckpointArgs):
     item: Any
 
 
+# "Best" means one thing everywhere: the lowest validation loss among the checkpoints that
+# recorded one (RunCheckpointer's BestN policy and best_step, and `read_only_manager`).
+BEST_METRIC = "val_loss"
+
+
+def read_only_manager(workdir: str) -> ocp.CheckpointManager:
+    """A manager that lists and reads W/checkpoints (local or gs://) and never writes."""
+    # The options read_only implies, spelled out: orbax warns about each one it has to change.
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, save_interval_steps=0, create=False,
+        best_fn=lambda m: m[BEST_METRIC], best_mode="min")
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def finished_steps(workdir: str) -> list[int]:
+    """The steps of W's finished checkpoints, oldest first; [] for a new or missing workdir."""
+    if not epath.Path(checkpoint_dir(workdir)).exists():
+        return []
+    return sorted(read_only_manager(workdir).all_steps())
+
+
 class RunCheckpointer:
     def __init__(self, directory: str, *, keep: int = 2, keep_best: int = 1,
-                 best_metric: str = "val_loss", async_save: bool = True):
+                 best_metric: str = BEST_METRIC, async_save: bool = True):
         self.best_metric = best_metric
         policy = cm.preservation_policy.AnyPreservationPolicy([
             cm.preservation_policy.LatestN(n=keep),
@@ -114,9 +135,6 @@ class RunCheckpointer:
     def best_step(self) -> int | None:
         return self.manager.best_step()
 
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
     def save(self, step: int, state: Any, *, data_iter: Any = None, config: dict | None = None,
              metrics: dict | None = None, force: bool = False) -> bool:
         items = {"state": ocp.args.StandardSave(state)}
@@ -133,9 +151,6 @@ class RunCheckpointer:
         if data_iter is not None:
             items["data"] = _DataRestore(_IteratorRestorer(data_iter))
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
-
-    def restore_config(self, step: int) -> dict:
-        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

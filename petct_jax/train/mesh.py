@@ -96,13 +96,3 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = (),
             return replicated(mesh)
         return NamedSharding(mesh, param_spec(_path_str(path), shape, mesh, rules, min_fsdp_size))
     return jax.tree_util.tree_map_with_path(one, tree)
-
-
-def describe(tree: Any, shardings: Any) -> list[tuple[str, tuple, str]]:
-    """(path, shape, spec) per leaf, for the dry-run printout."""
-    rows = []
-    flat_t = jax.tree_util.tree_flatten_with_path(tree)[0]
-    flat_s = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), sh in zip(flat_t, flat_s):
-        rows.append((_path_str(path), tuple(getattr(leaf, "shape", ())), str(sh.spec)))
-    return rows

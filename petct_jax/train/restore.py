@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from petct_jax.errors import PetctError
-from petct_jax.train.checkpoint import checkpoint_dir
+from petct_jax.train.checkpoint import checkpoint_dir, finished_steps, read_only_manager
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -27,18 +27,16 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def checkpoint_step(workdir: str, which: str | int = "best") -> int:
-    # The options read_only implies, spelled out: orbax warns about each one it has to change.
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
-    steps = list(manager.all_steps())
+    """The step of checkpoint `which`: "best" (lowest validation loss; the latest when no
+    checkpoint recorded one), "latest", or a step number."""
+    steps = finished_steps(workdir)
     if not steps:
         raise PetctError(f"{workdir}: no finished checkpoint")
     if which == "latest":
         return max(steps)
     if which == "best":
-        metrics = {s: manager.metrics(s) for s in steps}
-        scored = [(m["val_loss"], s) for s, m in metrics.items() if m and "val_loss" in m]
-        return min(scored)[1] if scored else max(steps)
+        best = read_only_manager(workdir).best_step()
+        return max(steps) if best is None else best
     step = int(which)
     if step not in steps:
         raise PetctError(f"{workdir}: no checkpoint at step {step}; have {sorted(steps)}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from preprocessing.phantoms.centres import CENTRES, SIZES
-from preprocessing.phantoms.cohort import SIDECAR, generate_cohort
-from preprocessing.phantoms.writers import LAYOUTS
+from petct_jax.phantoms.centres import CENTRES, SIZES
+from petct_jax.phantoms.cohort import SIDECAR, generate_cohort
+from petct_jax.phantoms.writers import LAYOUTS
 
 __all__ = ["generate_cohort", "add_arguments", "run", "SIZES", "CENTRES", "LAYOUTS", "SIDECAR"]
 

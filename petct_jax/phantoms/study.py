@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from preprocessing.phantoms.anatomy import (T, Anatomy, Patient, StudyAnatomy, body_posterior, build_anatomy,
+from petct_jax.phantoms.anatomy import (T, Anatomy, Patient, StudyAnatomy, body_posterior, build_anatomy,
                                             tissue_tables)
-from preprocessing.phantoms.centres import CENTRE_BY_NAME, CENTRES, Centre, SizePreset
-from preprocessing.phantoms.grids import Grid, resample_linear
-from preprocessing.phantoms.lesions import SITES, Lesion, draw_lesion, evolve
-from preprocessing.phantoms.shapes import Box
+from petct_jax.phantoms.centres import CENTRE_BY_NAME, CENTRES, Centre, SizePreset
+from petct_jax.phantoms.grids import Grid, resample_linear
+from petct_jax.phantoms.lesions import SITES, Lesion, draw_lesion, evolve
+from petct_jax.phantoms.shapes import Box
 
 F18_HALF_LIFE_MIN = 109.77
 P_TWO_STUDIES = 0.13          # AutoPET: 1,014 studies of 900 patients

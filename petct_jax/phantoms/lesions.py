@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from preprocessing.phantoms.anatomy import BONE, SOFT_TISSUES, T, Anatomy, spine_y
-from preprocessing.phantoms.shapes import Ellipsoid, Shape, Union
+from petct_jax.phantoms.anatomy import BONE, SOFT_TISSUES, T, Anatomy, spine_y
+from petct_jax.phantoms.shapes import Ellipsoid, Shape, Union
 
 NODE_OK = SOFT_TISSUES
 # site: (weight, allowed tissue labels at the centre, diameter range in mm, hard reason)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from preprocessing.phantoms.shapes import (Box, Capsule, Column, Custom, Ellipsoid, Field, Intersect,
+from petct_jax.phantoms.shapes import (Box, Capsule, Column, Custom, Ellipsoid, Field, Intersect,
                                            Shape, Subtract, Union, rotation)
 
 # ---------------------------------------------------------------------------- tissues

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from petct_jax.errors import PetctError
-from preprocessing.phantoms.centres import CENTRES, SIZES
-from preprocessing.phantoms.study import case_table, plan_study, render_study
-from preprocessing.phantoms.writers import (LAYOUTS, study_record, write_dataset_json, write_json_atomic,
+from petct_jax.phantoms.centres import CENTRES, SIZES
+from petct_jax.phantoms.study import case_table, plan_study, render_study
+from petct_jax.phantoms.writers import (LAYOUTS, study_record, write_dataset_json, write_json_atomic,
                                             write_preview, write_study)
 
 SIDECAR = "phantoms.json"

@@ -9,8 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from preprocessing.phantoms.grids import Grid
-from preprocessing.phantoms.study import Rendered, StudyPlan
+from petct_jax.phantoms.grids import Grid
+from petct_jax.phantoms.study import Rendered, StudyPlan
 
 LAYOUTS = ("autopet", "nnunet")
 
