@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from petct_jax.errors import PetctError
 from petct_jax.train import loop as loop_lib
 from petct_jax.train import metrics as metrics_lib
 from petct_jax.train.preemption import Preempted
@@ -205,3 +206,8 @@ def test_gradient_accumulation_equals_the_full_batch():
         assert out[accum][0] == pytest.approx(out[1][0], rel=1e-5)
         assert out[accum][1] == pytest.approx(out[1][1], rel=1e-4)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[accum][2], out[1][2])
+
+
+def test_grad_accum_must_divide_the_per_device_batch(tmp_path):
+    with pytest.raises(PetctError, match="grad_accum=4 does not divide the per-device batch 2"):
+        loop_lib.train(config(grad_accum=4), str(tmp_path / "w"), task(make_iter()))

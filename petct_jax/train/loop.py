@@ -107,8 +107,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> dict:
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise PetctError(f"batch_size={config.batch_size} is not divisible by the "
                          f"{mesh.devices.size} devices of the mesh")
-    if config.batch_size % config.grad_accum:
-        raise PetctError(f"batch_size={config.batch_size} is not divisible by grad_accum={config.grad_accum}")
+    per_device = config.batch_size // mesh.devices.size
+    if per_device % config.grad_accum:
+        raise PetctError(f"grad_accum={config.grad_accum} does not divide the per-device batch "
+                         f"{per_device} (batch_size={config.batch_size} over {mesh.devices.size} "
+                         f"devices): every device must hold rows of every micro-batch")
 
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     graphdef, params, rest = step_lib.split_model(task.model)

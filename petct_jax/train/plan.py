@@ -130,10 +130,12 @@ def train_plan(config: ml_collections.ConfigDict, model_fn: Callable[[], nnx.Mod
     rules = tuple(tuple(r) for r in config.mesh.rules)
     n_dev, n_proc = mesh.devices.size, jax.process_count()
     problems = []
-    for what, n in (("devices of the mesh", n_dev), ("processes", n_proc),
-                    ("grad_accum micro-batches", config.grad_accum)):
+    for what, n in (("devices of the mesh", n_dev), ("processes", n_proc)):
         if config.batch_size % n:
             problems.append(f"batch_size={config.batch_size} is not divisible by the {n} {what}")
+    if (config.batch_size // n_dev) % config.grad_accum:
+        problems.append(f"grad_accum={config.grad_accum} does not divide the per-device batch "
+                        f"{config.batch_size // n_dev}")
 
     model = nnx.eval_shape(model_fn)
     graphdef, params, rest = step_lib.split_model(model)

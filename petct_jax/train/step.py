@@ -86,8 +86,13 @@ def make_train_step(graphdef: nnx.GraphDef, rest: nnx.State, loss_fn: LossFn,
         if accum_steps == 1:
             loss, aux, grads = grads_of(params, batch, key)
         else:
+            # Micro-batch i takes rows i, i+A, i+2A, ...: the batch is split over devices in
+            # contiguous blocks, so each device holds its own rows of every micro-batch and no
+            # data moves. (Reshaping to (A, B/A) instead gave each micro-batch to a subset of
+            # the devices: XLA all-gathered the batch and every device did A times the work.)
             micro = jax.tree.map(
-                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+                lambda x: jnp.swapaxes(
+                    x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1), batch)
             first = jax.tree.map(lambda x: x[0], micro)
             zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grads_of, params, first, key))
 

@@ -1,0 +1,36 @@
+"""The jitted train step (petct_jax/train/step.py) as XLA compiles it for a data-parallel mesh."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def accum():
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(HERE, "accum_step.py")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_runs_on_eight_devices(accum):
+    assert accum["devices"] == 8
+
+
+@pytest.mark.parametrize("steps", ["1", "2", "4"])
+def test_micro_batches_stay_on_their_devices(accum, steps):
+    # an all-gather of the batch would mean each device computes A times its share
+    assert accum["accum"][steps]["all_gathers"] == []
+
+
+@pytest.mark.parametrize("steps", ["2", "4"])
+def test_accumulated_gradients_equal_one_batch(accum, steps):
+    one, many = accum["accum"]["1"], accum["accum"][steps]
+    assert many["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
