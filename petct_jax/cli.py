@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         from petct_jax.cpu_process import prepare_cpu_process
 
         prepare_cpu_process(huge_pages=name in HEAVY_COMMANDS)
+    if name in HEAVY_COMMANDS and name not in ("study", "demo"):  # these cache in their workdir
+        from petct_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"petct {name}", description=help_text)

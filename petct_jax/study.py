@@ -48,6 +48,7 @@ from typing import Any
 
 import ml_collections
 
+from petct_jax.compile_cache import enable_compile_cache
 from petct_jax.errors import PetctError
 
 KINDS = ("pretrain", "finetune", "probe")
@@ -385,13 +386,6 @@ def _log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _enable_compile_cache(workdir: str) -> None:
-    """Cells of equal shapes (PET-only and CT-only, the seeds of a setting) compile once."""
-    import jax
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def study(config: ml_collections.ConfigDict, workdir: str, *, cells: str | Sequence[str] | None = None,
           runner: Callable[[Cell], Any] | None = None, report: bool = True,
           on_cell: Callable[[Cell, str], None] | None = None) -> dict:
@@ -411,7 +405,8 @@ def study(config: ml_collections.ConfigDict, workdir: str, *, cells: str | Seque
     chosen = select(all_cells, cells)
     by_name = {c.name: c for c in all_cells}
     if config.compile_cache and runner is None:
-        _enable_compile_cache(workdir)
+        # Cells of equal shapes (PET-only and CT-only, the seeds of a setting) compile once.
+        enable_compile_cache(os.path.join(workdir, "jax_cache"))
     runner = runner or run_cell
     if _is_main_process():
         _write_json(os.path.join(workdir, "study.json"),

@@ -220,7 +220,7 @@ def test_demo_runs_its_study_and_skips_finished_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(cohort, "generate_cohort", lambda *a, **k: None)
     monkeypatch.setattr(prep, "preprocess", lambda *a, **k: None)
     monkeypatch.setattr(demo, "_make_split", lambda store, workdir, sizes: os.path.join(workdir, "split.json"))
-    monkeypatch.setattr(study_lib, "_enable_compile_cache", lambda workdir: None)
+    monkeypatch.setattr(study_lib, "enable_compile_cache", lambda default: None)
     monkeypatch.setattr(study_lib, "run_cell", FakeRunner(calls))
     monkeypatch.setattr(demo_report, "write_report",
                         lambda workdir, store, split, results, sizes, seconds: reports.append(results) or "r.md")
