@@ -5,7 +5,8 @@ batch so that every device computes its own rows of every micro-batch.
 
 A small 3D convolution network, a data-parallel batch of 32 over 8 devices (4 rows each), grad_accum 1, 2
 and 4 (the sharded `make_train_step` the loop jits). Prints one JSON line: per A, whether the
-compiled step holds an all-gather of activation-sized data, its loss and gradient norm.
+compiled step holds an all-gather, its per-device FLOPs (XLA's cost analysis), loss, gradient
+norm and parameters after the step.
 """
 
 import json
@@ -50,9 +51,13 @@ def main() -> dict:
                        in_shardings=(shardings, data), out_shardings=(shardings, None))
         compiled = step.lower(jax.device_put(state, shardings), batch).compile()
         shapes = re.findall(r"(\w+\[[\d,]+\])\S* all-gather", compiled.as_text())
-        _, metrics = step(jax.device_put(state, shardings), batch)
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        new_state, metrics = step(jax.device_put(state, shardings), batch)
+        params = np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(new_state["params"]))])
         out[str(accum)] = {"all_gathers": shapes, "loss": float(metrics["loss"]),
-                           "grad_norm": float(metrics["grad_norm"])}
+                           "grad_norm": float(metrics["grad_norm"]), "flops": float(cost["flops"]),
+                           "params": params.tolist()}
     return {"devices": jax.device_count(), "accum": out}
 
 

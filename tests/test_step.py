@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,3 +35,12 @@ def test_accumulated_gradients_equal_one_batch(accum, steps):
     one, many = accum["accum"]["1"], accum["accum"][steps]
     assert many["loss"] == pytest.approx(one["loss"], rel=1e-6)
     assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-6)
+    np.testing.assert_allclose(many["params"], one["params"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("steps", ["2", "4"])
+def test_each_device_does_its_share_of_the_work_once(accum, steps):
+    # XLA's cost analysis counts a scan's body once: per-device FLOPs of the step are the
+    # body's times A (an all-gathered micro-batch would make them D = 8 times larger)
+    flops = accum["accum"][steps]["flops"] * int(steps)
+    assert flops == pytest.approx(accum["accum"]["1"]["flops"], rel=0.05)
