@@ -28,13 +28,18 @@ What it does (nnU-Net v2's `predict_sliding_window_return_logits`, restated):
   probabilities instead).
 
 Compilation: `predict_fn` is only ever called on arrays of shape
-`(batch_windows, *window, C)`; the last batch of a scan is filled up with zero windows
-whose outputs are dropped. The flips and the weighting are fixed-shape eager ops. So
-one compiled network serves every scan size. The loop over tiles runs in Python;
-window extraction and accumulation run in numpy on the host (float32), which keeps the
-device memory at one window batch and avoids any scan-size-dependent device program.
-The next batch is dispatched before the previous one is read back, so host work
-overlaps device work.
+`(batch_windows, *window, C)`; the last batch of a scan is filled up with repeats of its
+first window whose outputs are dropped. The flips and the weighting are fixed-shape eager
+ops. So one compiled network serves every scan size.
+
+On the device: the padded scan goes to the device once; window extraction
+(`dynamic_slice`) and the weighted accumulation (`dynamic_update_slice`, into a donated
+buffer) are jitted, so nothing but the final cropped result comes back to the host, and
+on an accelerator the host never touches window data. Memory: the scan, the accumulator
+(`accumulate_dtype`, float32 by default; bfloat16 halves it for scans too large otherwise,
+at ~3 significant digits) and at most two window batches in flight (the loop waits for the
+batch before last before dispatching the next). The compiled helpers depend on the scan's
+padded shape, so each new scan shape compiles two small programs (the network does not).
 
 Devices: with `mesh` (a `jax.sharding.Mesh` with a `data` axis, and optionally `fsdp`,
 as `petct_jax.train.mesh.make_mesh` builds), each window batch is placed with
@@ -47,10 +52,13 @@ device (a 1-device mesh) and on 2 CPU devices in a subprocess.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from petct_jax.errors import PetctError
@@ -133,20 +141,43 @@ def _batch_sharding(mesh, batch_windows: int):
     return NamedSharding(mesh, P(axes))
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _extract(image, starts, window):
+    """The windows of `image` (Z, Y, X, C) at `starts` (n, 3): (n, *window, C)."""
+    def one(start):
+        return jax.lax.dynamic_slice(image, (*start, 0), (*window, image.shape[-1]))
+
+    return jax.vmap(one)(starts)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _accumulate(acc, out, starts, n):
+    """Add the first `n` window outputs `out` (b, *window, K) into `acc` at `starts`, in order."""
+    def add(i, acc):
+        corner = (starts[i, 0], starts[i, 1], starts[i, 2], 0)
+        current = jax.lax.dynamic_slice(acc, corner, out.shape[1:])
+        return jax.lax.dynamic_update_slice(acc, current + out[i].astype(acc.dtype), corner)
+
+    return jax.lax.fori_loop(0, n, add, acc)
+
+
+@jax.jit
+def _normalize(acc, norm):
+    return acc.astype(norm.dtype) / norm[..., None]
+
+
 def sliding_window_predict(predict_fn: Callable[[Any], Any], image: np.ndarray, window: Sequence[int], *,
                            num_classes: int, overlap: float = 0.5, batch_windows: int = 2,
                            mirror: bool = False, mirror_axes: Sequence[int] = (0, 1, 2),
                            use_gaussian: bool = True, sigma_scale: float = 1.0 / 8.0,
-                           mesh: Any = None, progress: bool = False) -> np.ndarray:
+                           mesh: Any = None, accumulate_dtype: Any = np.float32,
+                           progress: bool = False) -> np.ndarray:
     """Predict a whole scan `image` (Z, Y, X, C) window by window; returns (Z, Y, X, num_classes)
     float32: the Gaussian-weighted average of `predict_fn`'s outputs (logits, if it returns
     logits). `predict_fn(windows)` maps (batch_windows, *window, C) to
     (batch_windows, *window, num_classes); it is called with that one shape only.
     `mirror_axes` are spatial axes (0 = z, 1 = y, 2 = x). See the module doc.
     """
-    import jax
-    import jax.numpy as jnp
-
     image = np.asarray(image)
     window = tuple(int(w) for w in window)
     if image.ndim != 4:
@@ -157,6 +188,9 @@ def sliding_window_predict(predict_fn: Callable[[Any], Any], image: np.ndarray, 
         raise PetctError(f"sliding window: batch_windows must be >= 1, got {batch_windows}")
     if not set(mirror_axes) <= {0, 1, 2}:
         raise PetctError(f"sliding window: mirror_axes must be spatial axes 0, 1, 2; got {tuple(mirror_axes)}")
+    if jnp.dtype(accumulate_dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise PetctError(f"sliding window: accumulate_dtype must be float32, bfloat16 or float16, "
+                         f"got {accumulate_dtype}")
     image = image.astype(np.float32, copy=False)  # one input dtype: one compile
 
     shape = image.shape[:3]
@@ -169,12 +203,10 @@ def sliding_window_predict(predict_fn: Callable[[Any], Any], image: np.ndarray, 
               else np.ones(window, np.float32))
 
     sharding = _batch_sharding(mesh, batch_windows) if mesh is not None else None
-    put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jax.device_put
     weight_dev = jnp.asarray(weight)[None, ..., None]
     combos = mirror_combinations(mirror_axes) if mirror else []
 
-    def launch(batch: np.ndarray):
-        x = put(batch)
+    def launch(x):
         out = predict_fn(x)
         if out.shape != (batch_windows, *window, num_classes):
             raise PetctError(f"sliding window: predict_fn returned shape {tuple(out.shape)}, expected "
@@ -187,40 +219,37 @@ def sliding_window_predict(predict_fn: Callable[[Any], Any], image: np.ndarray, 
             out = out / (len(combos) + 1)
         return out * weight_dev
 
-    acc = np.zeros((*padded_shape, num_classes), np.float32)
     norm = np.zeros(padded_shape, np.float32)
     for start in positions:  # the weights do not depend on the predictions
         norm[tuple(slice(s, s + w) for s, w in zip(start, window))] += weight
 
-    def collect(pending):
-        out, starts = pending
-        out = np.asarray(out)
-        for i, start in enumerate(starts):
-            acc[tuple(slice(s, s + w) for s, w in zip(start, window))] += out[i]
-
     from tqdm import tqdm
 
+    image_dev = jax.device_put(image)
+    acc = jnp.zeros((*padded_shape, num_classes), accumulate_dtype)
+    all_starts = np.asarray(positions, np.int32)
     n_batches = -(-len(positions) // batch_windows)
     bar = tqdm(total=n_batches, unit="batch", desc="sliding window", disable=not progress, leave=False)
-    pending = None
-    batch = np.zeros((batch_windows, *window, image.shape[-1]), image.dtype)
+    in_flight = []
     for b in range(n_batches):
-        starts = positions[b * batch_windows:(b + 1) * batch_windows]
-        batch = np.zeros_like(batch) if len(starts) < batch_windows else np.empty_like(batch)
-        for i, start in enumerate(starts):
-            batch[i] = image[tuple(slice(s, s + w) for s, w in zip(start, window))]
-        current = (launch(batch), starts)  # dispatched asynchronously
-        if pending is not None:
-            collect(pending)  # host work on the previous batch while the device computes
-        pending = current
+        starts = all_starts[b * batch_windows:(b + 1) * batch_windows]
+        n = len(starts)
+        if n < batch_windows:  # fill up with repeats of the first window; their outputs are dropped
+            starts = np.concatenate([starts, np.repeat(starts[:1], batch_windows - n, axis=0)])
+        x = _extract(image_dev, starts, window)
+        if sharding is not None:
+            x = jax.device_put(x, sharding)
+        out = launch(x)
+        acc = _accumulate(acc, out, starts, n)
+        in_flight.append(out)
+        if len(in_flight) > 2:  # bound the device memory of window batches queued ahead
+            in_flight.pop(0).block_until_ready()
         bar.update()
-    if pending is not None:
-        collect(pending)
     bar.close()
 
-    acc /= norm[..., None]
+    result = _normalize(acc, jnp.asarray(norm))
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, shape))
-    return np.ascontiguousarray(acc[crop])
+    return np.ascontiguousarray(np.asarray(result)[crop])
 
 
 def make_predict_fn(model: Any, *, probabilities: bool = False, mesh: Any = None
@@ -233,8 +262,6 @@ def make_predict_fn(model: Any, *, probabilities: bool = False, mesh: Any = None
     output. One compile per window batch shape. With `mesh`, the model state is
     replicated over the mesh so that window batches sharded over it can be fed.
     """
-    import jax
-    import jax.numpy as jnp
     from flax import nnx
 
     graphdef, state = nnx.split(model)
