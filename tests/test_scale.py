@@ -407,3 +407,50 @@ def test_metrics_rewrite_mode_equals_append_mode(tmp_path):
             files[append] = f.read()
     assert files[True] == files[False]
     assert [json.loads(l)["step"] for l in files[True].splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def paper_param_shapes():
+    from flax import nnx
+    import jax
+
+    from petct_jax.config import resolve
+    from petct_jax.mae.pretrain import build_model
+
+    config = resolve(os.path.join(REPO, "configs/pretrain.py"))  # the paper's PlainConvUNet
+    params = nnx.state(nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0))), nnx.Param)
+    return [(jax.tree_util.keystr(p), tuple(x.shape))
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+@pytest.mark.parametrize("fsdp", [2, 3, 4, 6, 8])
+def test_fsdp_rules_split_only_divisible_channel_axes(paper_param_shapes, fsdp):
+    from types import SimpleNamespace
+
+    from petct_jax.train.mesh import place_param
+
+    mesh = SimpleNamespace(shape={"data": 1, "fsdp": fsdp})
+    split = 0
+    for name, shape in paper_param_shapes:
+        spec, why = place_param(name, shape, mesh, (), 2 ** 14)
+        axes = [d for d, a in enumerate(spec) if a == "fsdp"]
+        if axes:
+            [d] = axes
+            assert d >= len(shape) - 2 and shape[d] % fsdp == 0, (name, shape, spec)
+            split += 1
+        elif int(np.prod(shape)) >= 2 ** 14:
+            assert why == f"no channel axis divisible by fsdp={fsdp}"
+            assert all(s % fsdp for s in shape[-2:])
+        if len(shape) == 5 and shape[-1] == 320 and fsdp in (2, 4, 8):
+            assert axes, (name, shape)  # the widest kernels are the ones worth splitting
+    # The paper's widths (32..320) have no factor 3: fsdp 3 and 6 split nothing, and say so.
+    assert (split > 0) == (fsdp in (2, 4, 8))
+
+
+def test_dry_run_names_every_replicated_parameter_and_why():
+    out = _dry_run(6, "--config.batch_size=6", "--config.mesh.fsdp=3", "--config.mesh.min_fsdp_size=4096")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "left replicated by the FSDP rules" in out.stdout
+    line = next(l for l in out.stdout.splitlines() if "divisible by fsdp=3" in l)
+    assert "backbone/encoder/stages/3/convs/1/conv/kernel 3x3x3x64x64" in line
+    assert "elements < min_fsdp_size 4,096" in out.stdout

@@ -44,3 +44,21 @@ def test_each_device_does_its_share_of_the_work_once(accum, steps):
     # body's times A (an all-gathered micro-batch would make them D = 8 times larger)
     flops = accum["accum"][steps]["flops"] * int(steps)
     assert flops == pytest.approx(accum["accum"]["1"]["flops"], rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="8", JAX_PLATFORMS="cpu")
+    dump = str(tmp_path_factory.mktemp("hlo"))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "fsdp_step.py"), dump],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_gathers_kernels_in_the_compute_dtype(fsdp):
+    assert fsdp["devices"] == 8 and fsdp["split_params"] > 0
+    gathers = fsdp["all_gathers"]
+    assert gathers.get("bf16 5-D", 0) > 0  # the convolution kernels, gathered before use
+    # float32 moves only as vectors: replicated biases and norm scales after their update
+    assert {k for k in gathers if k.startswith("f32")} <= {"f32 1-D"}

@@ -5,9 +5,18 @@ whose parameters and optimizer state are also split across the axis, FSDP/ZeRO-3
 style). A batch is split over both axes. Parameters follow path-based rules: the
 first rule whose regular expression matches a parameter's path ('/'-joined, e.g.
 `backbone/encoder/stages/3/convs/0/conv/kernel`) gives its PartitionSpec; parameters
-no rule names are split over `fsdp` along their largest divisible dimension when
-they hold at least `min_fsdp_size` elements, and replicated otherwise. Because the
-rules name paths, the same trainer code serves every layout.
+no rule names are split over `fsdp` along a channel axis when they hold at least
+`min_fsdp_size` elements, and replicated otherwise (`place_param` says why).
+
+Channel axes: the last two of a kernel (in, out: a 3D convolution's (kz, ky, kx, in, out),
+a dense layer's (in, out)), the only one of a vector. A spatial kernel axis is never split:
+with fsdp = 3 a 3-wide tap axis would split into single taps, and each device's convolution
+would need its neighbours' taps for every output. Of the channel axes divisible by the fsdp
+size the larger is split (memory spreads best); a parameter with none stays replicated, and
+the dry run lists it with that reason. A split kernel is gathered in the compute dtype:
+the layers cast float32 parameters before use, and the partitioner places the all-gather
+after the cast (tests/fsdp_step.py reads it from the partitioned HLO). Because the rules
+name paths, the same trainer code serves every layout.
 """
 
 from __future__ import annotations
@@ -66,21 +75,32 @@ def _spec_from_text(text: str | Sequence) -> P:
     return P(*[None if t in (None, "", "None", "none") else t for t in items])
 
 
-def param_spec(path: str, shape: Sequence[int], mesh: Mesh,
-               rules: Sequence[tuple[str, Any]] = (), min_fsdp_size: int = 2 ** 18) -> P:
+def place_param(path: str, shape: Sequence[int], mesh: Mesh,
+                rules: Sequence[tuple[str, Any]] = (), min_fsdp_size: int = 2 ** 18
+                ) -> tuple[P, str | None]:
+    """(PartitionSpec, why it is replicated: None when it is split or ruled)."""
     for pattern, spec in rules:
         if re.search(pattern, path):
-            return _spec_from_text(spec)
+            return _spec_from_text(spec), None
     fsdp = mesh.shape["fsdp"]
-    if fsdp == 1 or int(np.prod(shape)) < min_fsdp_size:
-        return P()
-    # Largest dimension that splits evenly: spreads memory best.
-    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-        if shape[dim] % fsdp == 0:
-            spec = [None] * len(shape)
-            spec[dim] = "fsdp"
-            return P(*spec)
-    return P()
+    if fsdp == 1:
+        return P(), None
+    size = int(np.prod(shape))
+    if size < min_fsdp_size:
+        return P(), f"{size:,} elements < min_fsdp_size {min_fsdp_size:,}"
+    channel_axes = range(max(len(shape) - 2, 0), len(shape))
+    divisible = [d for d in channel_axes if shape[d] % fsdp == 0]
+    if not divisible:
+        return P(), f"no channel axis divisible by fsdp={fsdp}"
+    dim = max(divisible, key=lambda d: (shape[d], d))
+    spec = [None] * len(shape)
+    spec[dim] = "fsdp"
+    return P(*spec), None
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh,
+               rules: Sequence[tuple[str, Any]] = (), min_fsdp_size: int = 2 ** 18) -> P:
+    return place_param(path, shape, mesh, rules, min_fsdp_size)[0]
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = (),

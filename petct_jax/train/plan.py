@@ -146,6 +146,12 @@ def train_plan(config: ml_collections.ConfigDict, model_fn: Callable[[], nnx.Mod
     data_sharding = mesh_lib.batch_sharding(mesh)
 
     groups: dict[str, dict] = {}
+    replicated: dict[str, list[str]] = collections.defaultdict(list)  # reason -> parameters
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = mesh_lib._path_str(path)
+        _, why = mesh_lib.place_param(name, leaf.shape, mesh, rules, config.mesh.min_fsdp_size)
+        if why:
+            replicated[why].append(f"{name} {'x'.join(map(str, leaf.shape))}")
     param_shards = jax.tree.leaves(shardings["params"], is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
     for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(params)[0], param_shards):
         name = mesh_lib._path_str(path)
@@ -203,6 +209,7 @@ def train_plan(config: ml_collections.ConfigDict, model_fn: Callable[[], nnx.Mod
             "params": {"count": sum(g["params"] for g in groups.values()), "bytes": p_total,
                        "bytes_per_device": p_dev},
             "groups": sorted(groups.values(), key=lambda g: _natural(g["group"])),
+            "replicated": dict(replicated),
             "opt_state": {"bytes": o_total, "bytes_per_device": o_dev},
             "memory": memory, "flops_per_step": flops, "problems": problems}
 
@@ -256,6 +263,11 @@ def format_plan(plan: dict) -> str:
              human_bytes(g["bytes"]), human_bytes(g["bytes_per_device"])] for g in plan["groups"]]
     lines += ["  " + r for r in _table(["group", "tensors", "params", "shapes", "specs", "bytes",
                                         "per device"], rows)]
+    if plan["replicated"]:
+        lines.append(f"left replicated by the FSDP rules ({sum(map(len, plan['replicated'].values()))} "
+                     f"parameters):")
+        for why, names in plan["replicated"].items():
+            lines.append(f"  {why} ({len(names)}): {', '.join(names)}")
     o = plan["opt_state"]
     lines.append(f"optimizer state: {human_bytes(o['bytes'])} (per device {human_bytes(o['bytes_per_device'])})")
     mem = plan["memory"]
