@@ -32,7 +32,7 @@ from tqdm import tqdm
 from petct_jax import store
 from petct_jax.errors import PetctError
 from petct_jax.folder_lock import folder_lock
-from petct_jax.parent_watch import exit_with_parent
+from petct_jax.parent_watch import exit_with_parent, orphaned
 from petct_jax.preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
 from petct_jax.preprocessing.readers import LAYOUTS, CaseSpec, list_cases
 
@@ -92,6 +92,8 @@ def process_case(spec: CaseSpec, root: str, spacing_zyx: Sequence[float],
     start = time.perf_counter()
     try:
         arrays, record = harmonize(spec, spacing_zyx)
+        if orphaned():  # the run is over: another may hold the store's lock by now
+            os._exit(1)
         record["bytes"] = store.write_case(root, spec.id, arrays, chunk_zyx)
         record["seconds"] = round(time.perf_counter() - start, 3)
         return "ok", record
@@ -172,7 +174,7 @@ def _run_pool(todo: list[CaseSpec], args: tuple, workers: int, root: str, summar
     # Workers end with this process: killed outright, it would leave them running a case
     # that the next run redoes.
     pool = cf.ProcessPoolExecutor(max_workers=workers, initializer=exit_with_parent,
-                                  mp_context=multiprocessing.get_context("spawn"))
+                                  initargs=(os.getpid(),), mp_context=multiprocessing.get_context("spawn"))
     try:
         futures = {pool.submit(process_case, spec, *args): spec for spec in todo}
         for future in cf.as_completed(futures):

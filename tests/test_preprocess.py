@@ -346,6 +346,44 @@ def test_resume_after_killing_a_parallel_run(tmp_path, kill):
     assert sorted(os.listdir(os.path.join(out, "cases"))) == sorted(ids)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_PROC, reason="finds the workers in /proc")
+def test_workers_of_a_parent_killed_while_they_start_exit_and_write_nothing(tmp_path):
+    """The parent dies while its workers are still importing: they must not read init's pid
+    as their parent's and live on (they did, and wrote cases outside the store's lock)."""
+    raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
+    for n in range(4):
+        ns.write_scan(os.path.join(raw, f"PETCT_{n}", "s"))
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "petct_jax.cli", "preprocess", "--input", raw,
+                             "--out", out, "--workers", "2"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    assert wait_for(lambda: proc.poll() is not None or len(spawned_workers(proc.pid)) == 2,
+                    timeout=120, interval=0.005)
+    workers = spawned_workers(proc.pid)
+    kill_all([proc.pid])
+    proc.wait()
+    cases = os.path.join(out, "cases")
+    written = lambda: sorted(os.listdir(cases)) if os.path.isdir(cases) else []
+    at_death = written()
+    wait_for(lambda: not any(map(alive, workers)), timeout=60)
+    survivors = [w for w in workers if alive(w)]
+    kill_all(survivors)
+    assert len(workers) == 2 and survivors == [], "workers outlived their parent"
+    assert written() == at_death  # nothing written once the parent was gone
+
+
+def test_a_worker_whose_parent_is_already_gone_exits_at_once():
+    code = ("import os, sys\nfrom petct_jax.parent_watch import exit_with_parent\n"
+            "exit_with_parent(int(sys.argv[1]))\nprint('alive')")
+    gone = subprocess.run([sys.executable, "-c", code, "1"], capture_output=True, text=True, timeout=60)
+    assert (gone.returncode, gone.stdout) == (1, "")
+    here = subprocess.run([sys.executable, "-c", code, str(os.getpid())], capture_output=True,
+                          text=True, timeout=60)
+    assert (here.returncode, here.stdout) == (0, "alive\n")
+
+
 def test_cli_rejects_bad_settings(tmp_path, capsys):
     assert _run(["preprocess", "--input", str(tmp_path / "none"), "--out", str(tmp_path / "s")]) == 2
     assert "no such file or folder" in capsys.readouterr().err

@@ -52,13 +52,15 @@ _ring_size = 0  # > 0 in a Grain worker process: batches go to shared segments
 _created_here: list["_Created"] = []  # this process's segment names, for a hasty exit
 
 
-def init_worker_process(ring_size: int, worker_index: int = 0, worker_count: int = 1) -> None:
-    """Grain `worker_init_fn` (bind `ring_size` with functools.partial): batches made in this
+def init_worker_process(ring_size: int, worker_index: int = 0, worker_count: int = 1, *,
+                        parent_pid: int | None = None) -> None:
+    """Grain `worker_init_fn` (bind `ring_size` and the trainer's `parent_pid` with
+    functools.partial; default: this process's parent now): batches made in this
     process go to shared segments, at most `ring_size` of them reused; SIGTERM is left to
     the trainer, and the process unlinks its segments and exits when the trainer is gone."""
     global _ring_size
     _ring_size = int(ring_size)
-    exit_with_parent(cleanup=unlink_created)
+    exit_with_parent(os.getppid() if parent_pid is None else parent_pid, cleanup=unlink_created)
     if threading.current_thread() is threading.main_thread():
         # A scheduler stopping the job signals every process, a terminal's Ctrl-C the whole
         # process group; the trainer saves first (train/preemption.py) and closes its

@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 from typing import Any, Iterable, Mapping
 
 import grain
@@ -210,7 +211,8 @@ class PatchIterator(grain.DatasetIterator):
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
                 num_workers=self._num_workers, per_worker_buffer_size=self._buffer),
                 worker_init_fn=functools.partial(
-                    init_worker_process, ring_size_for(self._buffer, self._read_threads)))
+                    init_worker_process, ring_size_for(self._buffer, self._read_threads),
+                    parent_pid=os.getpid()))
         self._it = iter(ds)
 
     def __next__(self) -> dict:

@@ -178,7 +178,8 @@ def evaluate_folder(pairs: list[tuple[str, str, str]], workers: int = 1, progres
             # spawn: the parent may hold threads (tqdm, a JAX runtime when called from Python)
             ctx = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                     initializer=exit_with_parent) as pool:
+                                     initializer=exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 for row in pool.map(_evaluate_star, pairs):
                     rows.append(row)
                     bar.update()
