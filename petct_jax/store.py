@@ -160,14 +160,17 @@ def _parse_jsonl(text: str | None, source: str) -> list[dict]:
 # Creating and writing.
 
 def create(root: str, *, spacing_zyx: Sequence[float],
-           chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX) -> dict:
-    """Create the store (or check that an existing one has the same spacing)."""
+           chunk_zyx: Sequence[int] = DEFAULT_CHUNK_ZYX,
+           harmonization: dict | None = None) -> dict:
+    """Create the store (or check that an existing one has the same spacing and
+    harmonization: how its cases were made, e.g. {"preset": "canonical"})."""
     info = {
         "format_version": FORMAT_VERSION,
         "spacing_zyx": [float(s) for s in spacing_zyx],
         "chunk_zyx": [int(c) for c in chunk_zyx],
         "orientation": ORIENTATION,
         "arrays": ARRAY_DTYPES,
+        "harmonization": dict(harmonization or {}),
     }
     if not is_url(root):
         os.makedirs(root, exist_ok=True)
@@ -182,6 +185,9 @@ def create(root: str, *, spacing_zyx: Sequence[float],
     if not np.allclose(old["spacing_zyx"], info["spacing_zyx"]):
         raise PetctError(f"{_join(root, _INFO)}: store spacing {old['spacing_zyx']} differs "
                          f"from requested {info['spacing_zyx']}; use a new store")
+    if old.get("harmonization", {}) != info["harmonization"]:
+        raise PetctError(f"{_join(root, _INFO)}: store harmonized with {old.get('harmonization', {})}, "
+                         f"this run asks for {info['harmonization']}; use a new store")
     return old
 
 
