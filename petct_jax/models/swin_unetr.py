@@ -58,6 +58,7 @@ import numpy as np
 from flax import nnx
 
 from petct_jax.errors import PetctError
+from petct_jax.models.instance_norm import instance_norm_act
 
 __all__ = ["PRESETS", "SwinUNETR", "parse_norm_name"]
 
@@ -252,9 +253,12 @@ class _InstanceNorm(nnx.Module):
         self.bias = nnx.Param(_const((c,), 0.0, param_dtype)) if affine else None
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _norm_f32(x, (1, 2, 3), None if self.scale is None else self.scale[...],
-                         None if self.bias is None else self.bias[...], self.dtype)
+    def __call__(self, x: jax.Array, negative_slope: float | None = None) -> jax.Array:
+        c = x.shape[-1]
+        scale = jnp.ones((c,), jnp.float32) if self.scale is None else self.scale[...]
+        bias = jnp.zeros((c,), jnp.float32) if self.bias is None else self.bias[...]
+        return instance_norm_act(x, scale, bias, eps=_EPS, negative_slope=negative_slope
+                                 ).astype(self.dtype)
 
 
 class _Conv(nnx.Module):
@@ -299,7 +303,7 @@ class _ResBlock(nnx.Module):
             self.norm3 = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        out = jax.nn.leaky_relu(self.norm1(self.conv1(x)), 0.01)
+        out = self.norm1(self.conv1(x), 0.01)
         out = self.norm2(self.conv2(out))
         res = x if self.conv3 is None else self.norm3(self.conv3(x))
         return jax.nn.leaky_relu(out + res.astype(out.dtype), 0.01)
