@@ -65,6 +65,38 @@ def optim(*, lr: float, warmup_steps: int, weight_decay: float) -> ml_collection
     return group
 
 
+def no_augmentation() -> ml_collections.ConfigDict:
+    """`data.augment` with every probability 0: the reference's plain random crops."""
+    return ml_collections.ConfigDict(dict(
+        flip_prob=(0.0, 0.0, 0.0), rotate_prob=0.0, rotate_max_deg=15.0, scale_prob=0.0,
+        scale_range=(0.85, 1.25), noise_prob=0.0, noise_std_range=(0.0, 0.1),
+        brightness_prob=0.0, brightness_range=(0.75, 1.25), contrast_prob=0.0,
+        contrast_range=(0.75, 1.25), gamma_prob=0.0, gamma_range=(0.7, 1.5)))
+
+
+def steps_for_epochs(epochs: int, n_scans: int, batch_size: int, *, drop_last: bool) -> int:
+    """Optimizer steps of `epochs` passes over `n_scans` scans in batches of `batch_size`, as a
+    PyTorch DataLoader counts them: ceil(n / batch) per epoch, floor with `drop_last` (the
+    reference drops the last partial batch in MAE pretraining, keeps it in fine-tuning)."""
+    from petct_jax.errors import PetctError
+
+    per_epoch = n_scans // batch_size if drop_last else -(-n_scans // batch_size)
+    if epochs < 1 or per_epoch < 1:
+        raise PetctError(f"epochs={epochs} over {n_scans} scans at batch_size={batch_size}: no "
+                         "steps to train (need epochs >= 1 and at least one full batch of scans)")
+    return int(epochs) * per_epoch
+
+
+def apply_epochs(config: ml_collections.ConfigDict, n_scans: int, *, drop_last: bool) -> int:
+    """With `config.epochs` > 0, set `config.total_steps` to that many epochs over `n_scans`
+    training scans (`steps_for_epochs`); the run's step count either way. Runs call it once
+    they know their training scans, before the loop writes W/config.json."""
+    if int(config.get("epochs", 0) or 0) > 0:
+        config.total_steps = steps_for_epochs(int(config.epochs), n_scans, int(config.batch_size),
+                                              drop_last=drop_last)
+    return int(config.total_steps)
+
+
 def mesh() -> ml_collections.ConfigDict:
     """`config.mesh`: data parallel over every device unless `fsdp` is raised."""
     group = ml_collections.ConfigDict()
@@ -132,6 +164,9 @@ def seg_eval(tiny: bool) -> ml_collections.ConfigDict:
     group = ml_collections.ConfigDict()
     group.test = True  # score the test split with the best checkpoint after training
     group.overlap = 0.5
+    # "gaussian": nnU-Net's importance map (sigma = window / 8); "constant": every voxel of a
+    # window counts alike, MONAI sliding_window_inference's default and the reference's.
+    group.window_weights = "gaussian"
     group.batch_windows = 2 if tiny else 4
     group.mirror = False  # nnU-Net's 8-fold mirroring at test time
     group.overlays = 2

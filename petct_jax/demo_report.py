@@ -21,6 +21,9 @@ from petct_jax.train.metrics import read_metrics
 
 SETTINGS = [(("scratch", "frac10"), "scratch, 10% labels"), (("scratch", "frac100"), "scratch, 100% labels"),
             (("mae", "frac10"), "MAE joint, 10% labels"), (("mae", "frac100"), "MAE joint, 100% labels")]
+# The demo table's volume columns (keys of metrics.summarize): FPV, then FNV as autoPET I and
+# as autoPET III/IV aggregate it.
+VOLUMES = ("mean_fpv_ml", "mean_fnv_ml", "mean_fnv_ml_autopet3")
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -143,16 +146,16 @@ def write_report(workdir: str, store: str, split_path: str, results: dict, sizes
     base = threshold_baseline(store, split["test"])
 
     rows = [("PET threshold SUV ≥ 4 (no learning)", base.get("mean_dice"), base.get("std_dice"),
-             base.get("mean_fpv_ml"), base.get("mean_fnv_ml"))]
+             *(base.get(k) for k in VOLUMES))]
     for key, label in SETTINGS:
         test = tuned.get(key, {}).get("test") or {}
         rows.append((f"fine-tune: {label}", test.get("mean_dice"), test.get("std_dice"),
-                     test.get("mean_fpv_ml"), test.get("mean_fnv_ml")))
+                     *(test.get(k) for k in VOLUMES)))
     for mode, label in (("joint", "joint PET+CT MAE features"),
                         ("separate", "PET-only + CT-only MAE features")):
-        s = probes.get(mode, {}).get("stats") or {k: {} for k in ("mean_dice", "mean_fpv_ml", "mean_fnv_ml")}
-        rows.append((f"{sizes['k_shot']}-shot probe: {label}", s["mean_dice"].get("mean"),
-                     s["mean_dice"].get("std"), s["mean_fpv_ml"].get("mean"), s["mean_fnv_ml"].get("mean")))
+        s = probes.get(mode, {}).get("stats") or {}
+        rows.append((f"{sizes['k_shot']}-shot probe: {label}", s.get("mean_dice", {}).get("mean"),
+                     s.get("mean_dice", {}).get("std"), *(s.get(k, {}).get("mean") for k in VOLUMES)))
 
     _dice_bars(os.path.join(figures, "dice_per_setting.png"), [r[0] for r in rows],
                [r[1] for r in rows], [r[2] for r in rows])
@@ -188,12 +191,15 @@ def write_report(workdir: str, store: str, split_path: str, results: dict, sizes
         "## Test split",
         "",
         "Dice is the mean over test scans with lesions (± its standard deviation over those scans; "
-        "for probes ± the standard deviation over seeds); FPV and FNV (mL, 18-connectivity) are "
-        "means over all test scans.",
+        "for probes ± the standard deviation over seeds); FPV (mL, 18-connectivity) is the mean "
+        "over all test scans; FNV (mL) in both challenge aggregations: autoPET I (a tumour-free "
+        "scan counts 0, mean over all test scans) and autoPET III/IV (tumour-free scans left "
+        "out, mean over the test scans with lesions).",
         "",
-        "| setting | Dice | FPV mL | FNV mL |",
-        "|---|---|---|---|",
-        *[f"| {name} | {_pm(m, s)} | {_fmt(fpv, 2)} | {_fmt(fnv, 2)} |" for name, m, s, fpv, fnv in rows],
+        "| setting | Dice | FPV mL | FNV mL, autoPET I | FNV mL, autoPET III/IV |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {_pm(m, s)} | {_fmt(fpv, 2)} | {_fmt(fnv1, 2)} | {_fmt(fnv3, 2)} |"
+          for name, m, s, fpv, fnv1, fnv3 in rows],
         "",
         "MAE validation reconstruction loss (lower is better): " +
         ", ".join(f"{m} {_fmt(v, 4)}" for m, v in mae_val.items()) + ".",
@@ -220,7 +226,7 @@ def write_report(workdir: str, store: str, split_path: str, results: dict, sizes
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump({"rows": [dict(zip(("setting", "dice", "dice_std", "fpv_ml", "fnv_ml"), r)) for r in rows],
+        json.dump({"rows": [dict(zip(("setting", "dice", "dice_std", *VOLUMES), r)) for r in rows],
                    "mae_val_loss": mae_val, "sizes": {k: list(v) if isinstance(v, tuple) else v
                                                       for k, v in sizes.items()},
                    "seconds": seconds}, f, indent=2)
@@ -405,14 +411,16 @@ def write_study_report(workdir: str, config, results: dict) -> str:
         "",
         "Test metrics are those of each run's checkpoint with the lowest validation loss, scored "
         "once on the test split. Per run, Dice is the mean over test scans with lesions and FPV / "
-        "FNV (mL) / HD95 (mm) are means over the test scans (`metrics.summarize`); the tables give "
+        "FNV (mL) / HD95 (mm) are means over the test scans (`metrics.summarize`; FNV as autoPET I "
+        "aggregates it: 0 on a tumour-free scan; each run's `test/summary.json` also has autoPET "
+        "III/IV's, over the scans with lesions, as `mean_fnv_ml_autopet3`); the tables give "
         "their mean ± standard deviation (population) over seeds, the mean alone for one seed. "
         "One row per run and seed: `results.csv`.",
         "",
     ]
     if tuned:
         lines += ["## Fine-tuning", "",
-                  *head("backbone", "init", "labels", "seeds", "Dice", "FPV mL", "FNV mL", "HD95 mm",
+                  *head("backbone", "init", "labels", "seeds", "Dice", "FPV mL", "FNV mL, autoPET I", "HD95 mm",
                         "lesion F1"),
                   *[f"| {e['backbone']} | {'MAE joint' if e['init'] == 'mae' else 'scratch'} | "
                     f"{e['fraction']:g}% | {_seeds_text(e)} | {_ms(e['mean_dice'])} | "
@@ -420,7 +428,7 @@ def write_study_report(workdir: str, config, results: dict) -> str:
                     f"{_ms(e['mean_hd95_mm'], 1)} | {_ms(e['lesion_f1'])} |" for e in tuned], ""]
     if probes:
         lines += ["## k-shot linear probing (frozen MAE features, a 1x1x1 head)", "",
-                  *head("backbone", "features", "k", "seeds", "Dice", "FPV mL", "FNV mL", "HD95 mm",
+                  *head("backbone", "features", "k", "seeds", "Dice", "FPV mL", "FNV mL, autoPET I", "HD95 mm",
                         "lesion F1"),
                   *[f"| {e['backbone']} | {'joint PET+CT MAE' if e['mode'] == 'joint' else 'PET-only + CT-only MAE'} | "
                     f"{e['k']} | {_seeds_text(e)} | {_ms(e['mean_dice'])} | {_ms(e['mean_fpv_ml'], 2)} | "

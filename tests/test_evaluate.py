@@ -71,6 +71,10 @@ def test_cli_end_to_end(cohort, tmp_path, capsys):
     assert "1 predictions without ground truth: case_e" in captured.err
     assert "1 ground-truth cases without prediction: case_d" in captured.err
     assert "Dice" in captured.out and "FPV mL" in captured.out
+    table = {line.split("  ")[0]: line.split() for line in captured.out.splitlines()}
+    assert table["FNV mL, autoPET I"][-1] == "3"  # n: all scans, 1 tumour-free
+    assert table["FNV mL, autoPET III/IV"][-1] == "2"  # n: the lesion scans
+    assert float(table["FNV mL, autoPET III/IV"][-4]) == pytest.approx(3 * VOXEL_ML / 2, abs=1e-3)
 
     rows = _read_csv(out / "cases.csv")
     required = {"case", "dice", "fpv_ml", "fnv_ml", "hd95_mm", "gt_ml", "pred_ml", "n_gt_lesions",
@@ -97,7 +101,9 @@ def test_cli_end_to_end(cohort, tmp_path, capsys):
     assert s["n_cases"] == 3 and s["n_tumour_free"] == 1
     assert s["mean_dice"] == pytest.approx((8 / 28 + 1.0) / 2)
     assert s["mean_fpv_ml"] == pytest.approx((5 + 2) * VOXEL_ML / 3)
-    assert s["mean_fnv_ml"] == pytest.approx(3 * VOXEL_ML / 3)
+    assert s["mean_fnv_ml"] == pytest.approx(3 * VOXEL_ML / 3)  # autoPET I: over all 3 scans
+    assert s["mean_fnv_ml_autopet3"] == pytest.approx(3 * VOXEL_ML / 2)  # III/IV: the 2 lesion scans
+    assert set(s["aggregation"]) == {"fnv_ml", "fnv_ml_autopet3"}
     assert s["mean_fpv_ml_tumour_free"] == pytest.approx(2 * VOXEL_ML)
     # lesions: GT a:2 + c:1 = 3, detected 2; predicted a:2 + b:1 + c:1 = 4, 2 touch GT
     assert s["lesion_recall"] == pytest.approx(2 / 3) and s["lesion_precision"] == pytest.approx(0.5)

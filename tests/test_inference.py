@@ -293,6 +293,11 @@ def test_against_monai(jitted):
     same_map = monai_predict(f, image, mode="gaussian",
                              roi_weight_map=torch.from_numpy(gaussian_importance_map(WINDOW)))
     np.testing.assert_allclose(ours, same_map, rtol=1e-5, atol=1e-5)
+    # constant weights (eval.window_weights="constant", finetune.py:paper) are MONAI's default,
+    # which the reference's sliding_window_inference calls use
+    flat = sliding_window_predict(jitted["position"], image, WINDOW, num_classes=K, use_gaussian=False)
+    np.testing.assert_allclose(flat, monai_predict(f, image), rtol=1e-5, atol=1e-5)
+    assert np.abs(flat - ours).max() > 1e-3
 
     window = (16, 16, 16)  # MONAI's own map: differs, but is nearer to ours than plain averaging
     image = _image((24, 32, 40), seed=10)

@@ -186,6 +186,38 @@ def test_summarize():
     assert empty["n_cases"] == 0 and empty["mean_dice"] is None and empty["lesion_f1"] is None
 
 
+def test_fnv_in_both_challenge_aggregations():
+    """Hand-computed: lesion scans missing 8, 0 and 1 voxels of lesion, two tumour-free scans.
+    autoPET I: (8 + 0 + 1 + 0 + 0) / 5 scans; autoPET III/IV: (8 + 0 + 1) / 3 lesion scans."""
+    shape = (12, 12, 12)
+    big = _box(shape, (2, 2, 2), (4, 4, 4))  # 8 voxels
+    small = _box(shape, (8, 8, 8), (9, 9, 9))  # 1 voxel, 18-separate from big
+    rows = [
+        evaluate_arrays(_empty(shape), big, SPACING),  # misses all 8
+        evaluate_arrays(big, big, SPACING),  # misses nothing
+        evaluate_arrays(big, big | small, SPACING),  # misses the 1-voxel lesion
+        evaluate_arrays(small, _empty(shape), SPACING),  # tumour-free with a false positive
+        evaluate_arrays(_empty(shape), _empty(shape), SPACING),  # tumour-free, clean
+    ]
+    assert [r["fnv_ml"] / VOXEL_ML for r in rows] == pytest.approx([8, 0, 1, 0, 0])
+    s = summarize(rows)
+    assert s["mean_fnv_ml"] == pytest.approx(9 * VOXEL_ML / 5)
+    assert s["median_fnv_ml"] == pytest.approx(0.0)
+    assert s["std_fnv_ml"] == pytest.approx(np.std([8, 0, 1, 0, 0]) * VOXEL_ML)
+    assert s["mean_fnv_ml_autopet3"] == pytest.approx(9 * VOXEL_ML / 3)
+    assert s["median_fnv_ml_autopet3"] == pytest.approx(1 * VOXEL_ML)
+    assert s["std_fnv_ml_autopet3"] == pytest.approx(np.std([8, 0, 1]) * VOXEL_ML)
+    assert s["n_fnv_autopet3"] == 3
+    assert s["aggregation"]["fnv_ml"].startswith("autoPET I:")
+    assert s["aggregation"]["fnv_ml_autopet3"].startswith("autoPET III/IV:")
+    # FPV is averaged over every scan in both editions
+    assert s["mean_fpv_ml"] == pytest.approx(1 * VOXEL_ML / 5)
+    # Only tumour-free scans: autoPET III/IV has no FNV to average
+    free = summarize(rows[3:])
+    assert free["mean_fnv_ml"] == 0.0 and free["mean_fnv_ml_autopet3"] is None
+    assert free["n_fnv_autopet3"] == 0
+
+
 def test_detection_scores_undefined_cases():
     f = metrics.detection_scores
     assert f(0, 0, 0, 0) == (None, None, None)

@@ -14,6 +14,13 @@ Conventions (documented choices):
 * k-shot: k PATIENTS with at least one lesion, one lesion-bearing scan each (drawn with
   the seed); `all_scans=True` takes all their scans instead.
 * k-fold and train/val/test: patients are dealt so that scan counts balance.
+* a split file that already encodes a label fraction (`encoded_label_fraction`): the
+  reference's `autopet_seg_split_<N>pct.csv` with N < 100 (its N% subset of the 700-scan
+  pool: 70 scans for 10%, 210 for 30%), or a JSON split written by a fraction run
+  (`W/split.json` with a non-empty "unused"). Its training scans ARE the labelled subset:
+  read it with label fraction 1, never a fraction of it. The reference's 100% file with a
+  fraction below 1 draws this project's own subset, which is not the reference's (10%: 4 of
+  70 scans in common with its 10% file).
 """
 
 from __future__ import annotations
@@ -286,6 +293,26 @@ def read_split_csv(path: str, records: Iterable[Mapping], *, default_split: str 
                          f"(first: line {line}, {name!r})")
     check_no_leakage(out, records)
     return {k: sorted(set(v)) for k, v in out.items()}
+
+
+_PERCENT_IN_NAME = re.compile(r"(?<![0-9])([0-9]{1,3})pct", re.IGNORECASE)
+
+
+def encoded_label_fraction(path: str, splits: Mapping[str, Sequence[str]]) -> float | None:
+    """The label fraction split file `path` (read as `splits`) already applies, or None.
+
+    A CSV named like the reference's `..._<N>pct.csv` encodes N% when N < 100; a JSON split
+    with a non-empty "unused" list (pool scans a fraction run left out) encodes
+    train / (train + unused). Anything else encodes none.
+    """
+    name = os.path.basename(path)
+    if name.lower().endswith(".csv"):
+        m = _PERCENT_IN_NAME.search(name)
+        return int(m.group(1)) / 100 if m and 0 < int(m.group(1)) < 100 else None
+    if name.lower().endswith(".json") and splits.get("unused"):
+        n_train = len(splits.get("train", ()))
+        return n_train / (n_train + len(splits["unused"]))
+    return None
 
 
 def read_splits(path: str, records: Iterable[Mapping]) -> dict[str, list[str]]:

@@ -9,8 +9,9 @@ The train split is the *training pool*; each task then takes its labelled subset
 by `splits.read_splits`; the pool's scans left out go to "unused").
 
 Model selection uses the validation split only: the loop keeps the checkpoint with the
-lowest validation loss (Dice + CE on fixed validation patches); the test split is touched
-once, after training, by `test_eval`.
+lowest validation loss (Dice + CE on fixed validation patches), and without a validation
+split (the reference's CSVs have none) the final checkpoint is scored
+(`test_eval.checkpoint_rule`); the test split is touched once, after training, by `test_eval`.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def labelled(record: Mapping) -> bool:
 
 
 def resolve_split(store: Store, data_cfg: ml_collections.ConfigDict) -> dict[str, list[str]]:
-    """{"train": the training pool, "val": ..., "test": ...} (sorted scan ids)."""
+    """{"train": the training pool, "val": ..., "test": ...[, "unused": left out by the split
+    file]} (sorted scan ids)."""
     records = store.records
     if data_cfg.split:
         parts = splits.read_splits(data_cfg.split, records)
-        parts = {name: list(parts.get(name, [])) for name in splits.SPLIT_NAMES}
+        # "unused": what the file leaves out on purpose (splits.encoded_label_fraction reads it)
+        parts = {name: list(parts.get(name, [])) for name in (*splits.SPLIT_NAMES, "unused")}
         unlabelled = [i for name in ("train", "val", "test") for i in parts[name]
                       if not labelled(store.record(i))]
         if unlabelled:

@@ -11,7 +11,9 @@ header zooms.
 Writes to `--out` (default `report/`):
 - `cases.csv`: one row per case with the keys of `metrics.CASE_KEYS` (empty where
   a metric is undefined: Dice without lesions, HD95 with an empty mask, ...);
-- `summary.json`: `metrics.summarize` plus the folders and the unmatched files;
+- `summary.json`: `metrics.summarize` (FNV in both challenge aggregations: `*_fnv_ml`
+  autoPET I, `*_fnv_ml_autopet3` autoPET III/IV, named under "aggregation") plus the
+  folders and the unmatched files;
 - `distributions.png` (Dice / FPV / FNV), `dice_per_case.png`, and
   `overlays/<case>.png` for a few lesion cases (the worst and best by Dice): a coronal
   slice through the largest ground-truth lesion with ground truth (green) and
@@ -350,13 +352,18 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def summary_table(s: dict[str, Any]) -> str:
+    rows = [("dice", "Dice", s["n_with_lesions"]), ("fpv_ml", "FPV mL", s["n_cases"]),
+            ("fnv_ml", "FNV mL, autoPET I", s["n_cases"]),
+            ("fnv_ml_autopet3", "FNV mL, autoPET III/IV", s["n_fnv_autopet3"]),
+            ("hd95_mm", "HD95 mm", s["n_hd95"])]
+    width = max(len(label) for _, label, _ in rows)
     lines = [f"{s['n_cases']} cases ({s['n_with_lesions']} with lesions, {s['n_tumour_free']} tumour-free)",
-             f"{'metric':<10} {'mean':>9} {'median':>9} {'std':>9} {'n':>5}"]
-    counts = {"dice": s["n_with_lesions"], "fpv_ml": s["n_cases"], "fnv_ml": s["n_cases"],
-              "hd95_mm": s["n_hd95"]}
-    for key, label in (("dice", "Dice"), ("fpv_ml", "FPV mL"), ("fnv_ml", "FNV mL"), ("hd95_mm", "HD95 mm")):
-        lines.append(f"{label:<10} {_fmt(s['mean_' + key]):>9} {_fmt(s['median_' + key]):>9} "
-                     f"{_fmt(s['std_' + key]):>9} {counts[key]:>5}")
+             f"{'metric':<{width}} {'mean':>9} {'median':>9} {'std':>9} {'n':>5}"]
+    for key, label, n in rows:
+        lines.append(f"{label:<{width}} {_fmt(s['mean_' + key]):>9} {_fmt(s['median_' + key]):>9} "
+                     f"{_fmt(s['std_' + key]):>9} {n:>5}")
+    lines.append("FNV: autoPET I scores a tumour-free scan 0 and averages over all scans; "
+                 "autoPET III/IV leaves it out (NaN) and averages over the scans with lesions")
     lines.append(f"lesions: {s['gt_lesions']} true, {s['pred_lesions']} predicted, {s['detected_lesions']} "
                  f"detected; precision {_fmt(s['lesion_precision'])}, recall {_fmt(s['lesion_recall'])}, "
                  f"F1 {_fmt(s['lesion_f1'])}")

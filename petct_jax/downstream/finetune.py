@@ -3,24 +3,29 @@
     petct finetune --config configs/finetune.py:tiny,frac10 --workdir runs/ft \
         --config.store=runs/store --config.init=runs/mae
 
-The reference's recipe (method.md): the backbone is built with 2 output classes; every
-parameter of the pretrained network (encoder and decoder) is loaded, only the output head
-is re-initialised (`weights.load_into`; what was loaded is written to `W/init.json`).
-Dice + CE loss (`losses.py`), random patches with one third on lesions and nnU-Net's
-augmentation, AdamW + cosine, optional deep supervision.
+Our recipe (docs/recipes.md; `finetune.py:paper` is the reference's executed one): the
+backbone is built with 2 output classes; every parameter of the pretrained network (encoder
+and decoder) is loaded, the output head is re-initialised unless `init_head`
+(`weights.load_into`; what was loaded is written to `W/init.json`). Dice + CE loss
+(`losses.py`), random patches with `data.foreground_fraction` on lesions and
+`data.augment`, AdamW + cosine, optional deep supervision.
 
 Data: the training pool is the train split (`common.resolve_split`), of which
 `data.label_fraction` of the scans (whole patients) are used; the resolved split is in
-`W/split.json`. The checkpoint kept as "best" has the lowest validation loss on fixed
-patches of the validation split (validation Dice is logged as well); after training it
-is scored on the whole scans of the test split (`W/test/`, `test_eval.py`). Re-running
-the same command resumes, and reuses a finished test evaluation.
+`W/split.json`. A split file that already encodes a fraction (`splits.encoded_label_fraction`)
+takes label_fraction 1. With `epochs` > 0, `total_steps` is that many epochs over the
+labelled scans. The checkpoint scored is the one with the lowest validation loss on fixed
+patches of the validation split, or the final one without a validation split
+(`test_eval.checkpoint_rule`); it is scored on the whole scans of the test split
+(`W/test/`, `test_eval.py`). Re-running the same command resumes, and reuses a finished
+test evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import ml_collections
@@ -28,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from petct_jax import config as config_lib
+from petct_jax import config_blocks
 from petct_jax.data import splits
 from petct_jax.downstream import common, weights
 from petct_jax.downstream.common import NUM_CLASSES
@@ -55,12 +61,15 @@ def report(summary: dict) -> str:
     from petct_jax.downstream.evaluate import summary_table
 
     val = summary.get("final_val") or {}
-    lines = [f"finetune: {summary['steps']} steps in {summary['seconds']:.0f} s; validation loss "
+    epochs = (f" ({summary['epochs']:.3g} epochs of {summary['split']['train']} labelled scans)"
+              if "epochs" in summary else "")
+    lines = [f"finetune: {summary['steps']} steps{epochs} in {summary['seconds']:.0f} s; validation loss "
              f"{val.get('loss', float('nan')):.4f}, Dice {val.get('dice', float('nan')):.3f}; "
              f"best step {summary['best_step']}; workdir {summary['workdir']}"]
     test = summary.get("test")
     if test and test.get("n_cases"):
-        lines += [f"test split ({test['n_cases']} scans, checkpoint step {test.get('checkpoint_step')}):",
+        lines += [f"test split ({test['n_cases']} scans, checkpoint step {test.get('checkpoint_step')}: "
+                  f"{test.get('checkpoint_rule')}):",
                   summary_table(test)]
     return "\n".join(lines)
 
@@ -76,7 +85,7 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
 
 
 def initialise(model: nnx.Module, config: ml_collections.ConfigDict) -> dict:
-    """Load `config.init` into `model` (all but the head); the report."""
+    """Load `config.init` into `model` (all but the head, unless `config.init_head`); the report."""
     if not config.init:
         raise PetctError("--config.init is not set: an MAE run directory, a `petct convert` "
                          "output directory, or 'scratch'")
@@ -88,7 +97,7 @@ def initialise(model: nnx.Module, config: ml_collections.ConfigDict) -> dict:
     if source.channels is not None and tuple(source.channels) != tuple(config.data.channels):
         raise PetctError(f"{config.init}: pretrained on channels {tuple(source.channels)}, this run "
                          f"uses data.channels={tuple(config.data.channels)}")
-    return weights.load_into(model, source, config.model.name)
+    return weights.load_into(model, source, config.model.name, head=bool(config.get("init_head", False)))
 
 
 def select_train(store: Store, config: ml_collections.ConfigDict) -> tuple[list[str], dict]:
@@ -98,6 +107,18 @@ def select_train(store: Store, config: ml_collections.ConfigDict) -> tuple[list[
     fraction = float(config.data.label_fraction)
     if fraction >= 1.0:
         return list(pool), parts
+    if config.data.split:
+        encoded = splits.encoded_label_fraction(config.data.split, parts)
+        if encoded is not None:
+            raise PetctError(
+                f"data.split={config.data.split} already encodes a label fraction ({encoded:.0%}: "
+                f"{len(pool)} training scans); data.label_fraction={fraction:g} would train on "
+                f"{fraction:.0%} of those: set --config.data.label_fraction=1.0 to use the file's subset")
+        if config.data.split.lower().endswith(".csv"):
+            print(f"finetune: data.label_fraction={fraction:g} takes this project's own {fraction:.0%} "
+                  f"of the {len(pool)} training scans of {config.data.split} (data.label_seed), not the "
+                  "reference's subset: that is its *_10pct.csv / *_30pct.csv with label_fraction=1.0",
+                  file=sys.stderr)
     return splits.label_fraction(common.records_of(store, pool), fraction,
                                  seed=config.data.label_seed), parts
 
@@ -110,6 +131,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Tas
         raise PetctError("--config.store is not set: point it at a store made by `petct preprocess`")
     store = Store(config.store)
     train_ids, parts = select_train(store, config)
+    config_blocks.apply_epochs(config, len(train_ids), drop_last=False)  # MONAI's DataLoader
     split = common.write_split(os.path.join(workdir, "split.json"), train_ids, parts)
     model = build_model(config, nnx.Rngs(config.seed))
     init_path = os.path.join(workdir, "init.json")
@@ -147,4 +169,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict:
         test = evaluate_run(task.model, workdir, used["store"], used["split"]["test"], config,
                             normalizer=task.train_iter.normalizer)
     counts = {k: len(v) for k, v in used["split"].items()}
-    return common.finish_summary(workdir, summary, init=used["init"], split=counts, test=test)
+    epochs = summary["steps"] * config.batch_size / max(counts["train"], 1)  # passes over the labelled scans
+    return common.finish_summary(workdir, summary, init=used["init"], split=counts, epochs=epochs,
+                                 test=test)

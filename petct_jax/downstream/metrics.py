@@ -11,6 +11,11 @@ way. Definitions (autoPET challenge, see docs/conventions.md):
 - Components: 18-connectivity in 3D (`generate_binary_structure(3, 2)`): voxels that
   share a face or an edge are connected, voxels that share only a corner are not.
 - Volume = voxel count x voxel volume (mm³, product of the spacing) / 1000.
+- Aggregation over scans (`summarize`): the editions differ on FNV, so both are reported.
+  autoPET I (2022) scores FNV = 0 on a tumour-free scan and averages over all scans
+  (`mean_fnv_ml`); autoPET III/IV (2024/2025) score it NaN there and average over the
+  scans with lesions (`mean_fnv_ml_autopet3`). Both average Dice over the lesion scans and
+  FPV over all scans.
 - HD95 (mm): symmetric 95th percentile Hausdorff distance, the medpy/MONAI
   convention: max of the two directed 95th percentiles (numpy's default linear
   interpolation) of the distances from each surface voxel of one mask to the nearest
@@ -45,6 +50,12 @@ from scipy import ndimage as ndi
 
 STRUCTURE_18 = ndi.generate_binary_structure(3, 2)  # components (AutoPET): face + edge neighbours
 STRUCTURE_6 = ndi.generate_binary_structure(3, 1)  # surface erosion (medpy/MONAI)
+
+# How `summarize` aggregates FNV, as its summary states it.
+AGGREGATIONS = {
+    "fnv_ml": "autoPET I: FNV 0 on tumour-free scans, averaged over all scans",
+    "fnv_ml_autopet3": "autoPET III/IV: FNV NaN on tumour-free scans, averaged over the scans with lesions",
+}
 
 # Per-case keys, in the order `petct evaluate` writes them.
 CASE_KEYS = ("dice", "fpv_ml", "fnv_ml", "hd95_mm", "gt_ml", "pred_ml", "n_gt_lesions",
@@ -186,9 +197,12 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Aggregate per-scan rows (from `evaluate_arrays`) into the AutoPET summary.
 
     Dice and HD95 statistics run over the scans where they are defined (scans with
-    lesions; HD95 also needs a non-empty prediction); FPV and FNV over all scans, as
-    in the challenge. `mean_fpv_ml_tumour_free` is the mean FPV on tumour-free scans
-    and `n_tumour_free_with_fp` how many of them have any predicted voxel. Detection
+    lesions; HD95 also needs a non-empty prediction); FPV over all scans. FNV both ways
+    (`AGGREGATIONS`, named in the summary's "aggregation"): `*_fnv_ml` over all scans with
+    0 on tumour-free ones (autoPET I), `*_fnv_ml_autopet3` over the lesion scans only
+    (autoPET III/IV, whose tumour-free scans score NaN), `n_fnv_autopet3` of them.
+    `mean_fpv_ml_tumour_free` is the mean FPV on tumour-free scans and
+    `n_tumour_free_with_fp` how many of them have any predicted voxel. Detection
     precision/recall/F1 pool the component counts over all scans (micro average).
     Undefined values are None. Standard deviations are population (ddof=0).
     """
@@ -208,6 +222,8 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         **_stats(_defined(r["dice"] for r in rows), "dice"),
         **_stats(_defined(r["fpv_ml"] for r in rows), "fpv_ml"),
         **_stats(_defined(r["fnv_ml"] for r in rows), "fnv_ml"),
+        **_stats(_defined(r["fnv_ml"] for r in lesion), "fnv_ml_autopet3"),
+        "n_fnv_autopet3": len(lesion),
         **_stats(_defined(r["hd95_mm"] for r in rows), "hd95_mm"),
         "n_hd95": int(_defined(r["hd95_mm"] for r in rows).size),
         "mean_fpv_ml_tumour_free": float(fpv_free.mean()) if fpv_free.size else None,
@@ -219,5 +235,6 @@ def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "lesion_precision": precision,
         "lesion_recall": recall,
         "lesion_f1": f1,
+        "aggregation": dict(AGGREGATIONS),
     }
     return out

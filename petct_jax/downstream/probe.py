@@ -52,7 +52,8 @@ from petct_jax.train.backbone import build_backbone
 
 FEATURES = ("decoder", "bottleneck")
 # Test metrics aggregated over seeds (keys of metrics.summarize).
-REPORTED = ("mean_dice", "median_dice", "mean_fpv_ml", "mean_fnv_ml", "mean_hd95_mm", "lesion_f1")
+REPORTED = ("mean_dice", "median_dice", "mean_fpv_ml", "mean_fnv_ml", "mean_fnv_ml_autopet3",
+            "mean_hd95_mm", "lesion_f1")
 
 
 class LinearProbe(nnx.Module):

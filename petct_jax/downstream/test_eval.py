@@ -5,12 +5,17 @@
 
 Every case is read whole and normalized as in training (`make_case_iterator` with the
 training normalizer), predicted by sliding windows of the training patch size
-(overlap `eval.overlap`, Gaussian weights, optional mirroring: `inference.py`), turned into a
+(overlap `eval.overlap`, Gaussian or constant weights by `eval.window_weights`, optional
+mirroring: `inference.py`), turned into a
 mask by argmax over the two classes, and scored with the AutoPET metrics at the store's
 voxel spacing. Writes `cases.csv` (one row per case) and `summary.json`
 (`metrics.summarize`), plus overlays of the first `eval.overlays` lesion cases.
 
-`evaluate_run` first loads the run's best checkpoint (lowest validation loss) into the model.
+`evaluate_run` first loads the run's checkpoint into the model by one rule, recorded as
+`checkpoint_rule` in `W/test/summary.json`: the one with the lowest validation loss when
+the run validated ("lowest validation loss"), else the final one ("final checkpoint (no
+validation split)": e.g. the reference's split CSVs, whose held-out scans are all test
+scans). The test split never picks a checkpoint (the reference picks its best test Dice).
 """
 
 from __future__ import annotations
@@ -29,11 +34,19 @@ from petct_jax.downstream import metrics
 from petct_jax.downstream.common import NUM_CLASSES
 from petct_jax.errors import PetctError
 
+WINDOW_WEIGHTS = ("gaussian", "constant")  # eval.window_weights
+RULE_BEST = "lowest validation loss"
+RULE_FINAL = "final checkpoint (no validation split)"
+
 
 def _eval_cfg(config: ml_collections.ConfigDict) -> dict:
     e = config.get("eval") or ml_collections.ConfigDict()
+    weights = str(e.get("window_weights", "gaussian"))
+    if weights not in WINDOW_WEIGHTS:
+        raise PetctError(f"eval.window_weights={weights!r}: choose one of {list(WINDOW_WEIGHTS)}")
     return {"overlap": float(e.get("overlap", 0.5)), "batch_windows": int(e.get("batch_windows", 2)),
-            "mirror": bool(e.get("mirror", False)), "overlays": int(e.get("overlays", 2))}
+            "mirror": bool(e.get("mirror", False)), "overlays": int(e.get("overlays", 2)),
+            "window_weights": weights}
 
 
 def evaluate_on_cases(model: nnx.Module, store: Any, ids: Iterable[str], config: ml_collections.ConfigDict,
@@ -67,6 +80,7 @@ def evaluate_on_cases(model: nnx.Module, store: Any, ids: Iterable[str], config:
             logits = sliding_window_predict(predict, case["image"], data_cfg.patch,
                                             num_classes=NUM_CLASSES, overlap=e["overlap"],
                                             batch_windows=e["batch_windows"], mirror=e["mirror"],
+                                            use_gaussian=e["window_weights"] == "gaussian",
                                             progress=progress)
             pred = logits.argmax(-1).astype(np.uint8)
             spacing = store.record(case["case"])["spacing_zyx"]
@@ -100,14 +114,26 @@ def load_best(model: nnx.Module, workdir: str, which: str | int = "best") -> int
     return step
 
 
+def checkpoint_rule(workdir: str) -> tuple[str, str]:
+    """(which checkpoint to score, the rule's name): "best" when a checkpoint of `workdir`
+    recorded a validation loss, else "latest" (the final step of a finished run)."""
+    from petct_jax.train.checkpoint import read_only_manager
+
+    if read_only_manager(workdir).best_step() is not None:
+        return "best", RULE_BEST
+    return "latest", RULE_FINAL
+
+
 def evaluate_run(model: nnx.Module, workdir: str, store: Any, ids: Iterable[str],
                  config: ml_collections.ConfigDict, *, normalizer: Any = None) -> dict:
-    """Best checkpoint of `workdir` on the scans `ids`, written to `W/test/`. A finished
-    evaluation of the same checkpoint with the same settings is reused."""
+    """The checkpoint of `workdir` chosen by `checkpoint_rule` on the scans `ids`, written to
+    `W/test/`. A finished evaluation of the same checkpoint with the same settings is reused."""
     out_dir = os.path.join(workdir, "test")
-    step = load_best(model, workdir)
+    which, rule = checkpoint_rule(workdir)
+    step = load_best(model, workdir, which)
     ids = sorted(ids)
-    key = {"checkpoint_step": step, "cases": ids, "settings": _eval_cfg(config)}
+    key = {"checkpoint_step": step, "checkpoint_rule": rule, "cases": ids,
+           "settings": _eval_cfg(config)}
     done = os.path.join(out_dir, "summary.json")
     if os.path.exists(done):
         with open(done, encoding="utf-8") as f:

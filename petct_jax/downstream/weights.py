@@ -11,9 +11,12 @@ A source is named by a path:
 
 `load_into(model, source)` copies every parameter of the source into `model` except the
 output head (`model.head`: nnU-Net's `decoder.seg_layers`, MONAI's `out`), which keeps
-its fresh initialisation: the reference's fine-tuning recipe (encoder AND decoder from the
-MAE, new head). Shapes are checked array by array; anything that does not fit is an error
-naming the parameter, never a silent partial load.
+its fresh initialisation (our recipe: encoder AND decoder from the MAE, new head).
+`load_into(..., head=True)` loads the head as well, which is what the reference's code
+does (its Swin fine-tuning filters nothing; its nnU-Net filter, `seg_outputs`, names no
+key of a PlainConvUNet): a joint MAE's 2-channel reconstruction head has the shape of the
+2-class segmentation head. Shapes are checked array by array; anything that does not fit
+is an error naming the parameter, never a silent partial load.
 
 `load_backbone(source)` rebuilds the source's own network with its weights (all of them),
 for frozen feature extractors (linear probing).
@@ -135,8 +138,9 @@ def _read_converted(path: str) -> Source:
                   channels=_CHANNEL_NAMES.get(n_in))
 
 
-def load_into(model: nnx.Module, source: Source, model_name: str) -> dict:
-    """Copy the source's parameters into `model` (a `model_name` network), all but the head.
+def load_into(model: nnx.Module, source: Source, model_name: str, *, head: bool = False) -> dict:
+    """Copy the source's parameters into `model` (a `model_name` network), all but the head
+    (with `head`, the head too).
 
     Returns a report: what was loaded, what was re-initialised, what was ignored.
     """
@@ -144,9 +148,13 @@ def load_into(model: nnx.Module, source: Source, model_name: str) -> dict:
         raise PetctError(f"{source.path}: holds a {source.model_name!r} network; this run builds "
                          f"{model_name!r} (choose the matching backbone variant)")
     prefix = head_prefix(model)
-    is_head = lambda path: path[:len(prefix)] == prefix  # noqa: E731
+    in_head = lambda path: path[:len(prefix)] == prefix  # noqa: E731
+    is_head = (lambda path: False) if head else in_head  # what stays freshly initialised
     ours = flatten(pure_params(model))
     theirs = flatten(source.params)
+    if head:
+        _check_head(source, {p: v for p, v in ours.items() if in_head(p)},
+                    {p: v for p, v in theirs.items() if in_head(p)})
     loaded, reinit = {}, []
     for path, leaf in ours.items():
         name = "/".join(map(str, path))
@@ -174,12 +182,27 @@ def load_into(model: nnx.Module, source: Source, model_name: str) -> dict:
     head_src = sorted("/".join(map(str, p)) for p in theirs if is_head(p))
     return {
         "source": os.path.abspath(source.path), "kind": source.kind, "step": source.step,
+        "head": "loaded" if head else "reinitialised",
         "loaded_arrays": len(loaded),
         "loaded_parameters": int(sum(v.size for v in loaded.values())),
         "reinitialised": reinit,
         "reinitialised_parameters": int(sum(np.prod(ours[p].shape) for p in ours if is_head(p))),
         "ignored_source_head": head_src,
     }
+
+
+def _check_head(source: Source, ours: dict, theirs: dict) -> None:
+    """One line naming the first head array of `ours` the source cannot fill, if any."""
+    hint = "set --config.init_head=False to train a new head"
+    for path, leaf in ours.items():
+        name = "/".join(map(str, path))
+        if path not in theirs:
+            raise PetctError(f"{source.path}: has no output-head parameter {name} to load "
+                             f"(init_head=True); {hint}")
+        if np.shape(theirs[path]) != tuple(leaf.shape):
+            raise PetctError(f"{source.path}: output head {name} has shape {np.shape(theirs[path])}, "
+                             f"this run's head needs {tuple(leaf.shape)} (init_head=True loads it "
+                             f"only when they match); {hint}")
 
 
 def load_backbone(path: str, which: str | int = "best", rngs: nnx.Rngs | None = None

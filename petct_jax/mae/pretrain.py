@@ -3,7 +3,8 @@
     petct pretrain --config configs/pretrain.py:tiny --workdir runs/mae --config.store=runs/store
 
 Validation: a held-out set of patients (`data.val_fraction`), scored with fixed masks,
-picks the best checkpoint; a split file in `data.exclude` keeps its test cases out of
+picks the best checkpoint (without one, as in `pretrain.py:paper`, the latest is used);
+`epochs` > 0 sets `total_steps` from the training scans when the run starts; a split file in `data.exclude` keeps its test cases out of
 pretraining altogether. Re-running the same command resumes from the last checkpoint.
 `--dry-run` prints the mesh, the per-host batch, the sharding of every parameter group and
 a memory estimate per device, without a store and without training (petct_jax/train/plan.py).
@@ -22,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from petct_jax import config as config_lib
+from petct_jax import config_blocks
 from petct_jax.data import make_patch_iterator, splits
 from petct_jax.errors import PetctError
 from petct_jax.mae.loss import reconstruction_loss
@@ -118,6 +120,7 @@ def make_task(config: ml_collections.ConfigDict) -> loop.Task:
         raise PetctError("--config.store is not set: point it at a store made by `petct preprocess`")
     store = Store(config.store)
     train_ids, val_ids = pretraining_split(store, config)
+    config_blocks.apply_epochs(config, len(train_ids), drop_last=True)  # the reference's DataLoader
     model = build_model(config, nnx.Rngs(config.seed))
     train_iter = make_patch_iterator(store, train_ids, config.data, seed=config.seed,
                                      batch_size=config.batch_size,
