@@ -26,7 +26,9 @@ A case becomes visible only when its manifest line is written, after its arrays 
 complete; a case whose arrays exist without a manifest line is an interrupted write
 and is rewritten by the next run. Later manifest lines for the same id (from
 `--overwrite`) replace earlier ones. On a local store a case's arrays are written into
-`cases/.<id>.partial/` and renamed into place. The fields of a manifest record are
+`cases/.<id>.partial/` and renamed into place. An append first repairs the file's tail: a
+torn or malformed last line is cut and kept aside in `<file>.torn-<time>` (reported), a
+complete last record without its newline gets one. The fields of a manifest record are
 documented in preprocessing/harmonize.py.
 """
 
@@ -35,7 +37,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import threading
+import time
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -58,6 +62,7 @@ def float32_reads(names: Iterable[str]) -> dict[str, Any]:
 
 _INFO = "store.json"
 _MANIFEST = "manifest.jsonl"
+_RECORD_KEYS = ("id", "patient_id", "cohort", "shape_zyx", "spacing_zyx", "affine_zyx")
 _FAILURES = "failures.jsonl"
 
 
@@ -114,45 +119,69 @@ def _append_line(root: str, name: str, obj: dict) -> None:
     with _append_lock:
         if not is_url(root):
             with open(os.path.join(root, name), "a+b") as f:
-                _drop_torn_tail(f)
-                f.write(line.encode("utf-8"))
+                size = f.seek(0, os.SEEK_END)
+                f.seek(0)
+                keep, extra = _repair_tail(f.read(), root, name) if size else (0, b"")
+                if keep < size:
+                    f.truncate(keep)
+                f.write(extra + line.encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
             return
-        text = _read_text(root, name) or ""
-        _write_text(root, name, text[: text.rfind("\n") + 1] + line)
+        data = (_read_text(root, name) or "").encode("utf-8")
+        keep, extra = _repair_tail(data, root, name)
+        _write_text(root, name, (data[:keep] + extra).decode("utf-8") + line)
 
 
-def _drop_torn_tail(f) -> None:
-    """Cut an unterminated last line (a torn append) so the next line starts clean.
+def _repair_tail(data: bytes, root: str, name: str) -> tuple[int, bytes]:
+    """How to append after `data` without losing or gluing lines: (bytes to keep, bytes to
+    write before the new line).
 
-    Without this, a line appended after a torn one would be glued onto it and both
-    would read as corruption.
+    A complete record that only lacks its newline keeps it (one newline is added). A torn or
+    malformed last line, which the reader skips while it is last but which would turn into
+    corruption in the middle of the file, is cut and kept aside in `<file>.torn-<time>`,
+    reported on stderr.
     """
-    size = f.seek(0, os.SEEK_END)
-    if size == 0:
-        return
-    f.seek(size - 1)
-    if f.read(1) == b"\n":
-        return
-    f.seek(0)
-    data = f.read()
-    f.truncate(data.rfind(b"\n") + 1)
+    body, sep, last = data.rstrip(b"\n").rpartition(b"\n")
+    if not last.strip():
+        return len(data), b"" if data.endswith(b"\n") or not data else b"\n"
+    if _json_object(last) is not None:
+        return len(data), b"" if data.endswith(b"\n") else b"\n"
+    keep = len(body) + len(sep)
+    aside = f"{name}.torn-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    _write_text(root, aside, data[keep:].decode("utf-8", errors="replace"))
+    source, aside = _join(root, name), _join(root, aside)
+    print(f"petct: {source}: its last line was torn or malformed ({len(data) - keep} bytes); "
+          f"kept aside in {aside} before appending", file=sys.stderr)
+    return keep, b""
 
 
-def _parse_jsonl(text: str | None, source: str) -> list[dict]:
+def _json_object(line: bytes | str) -> dict | None:
+    try:
+        value = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _parse_jsonl(text: str | None, source: str, required: Sequence[str] = ()) -> list[dict]:
     records = []
-    for n, line in enumerate((text or "").splitlines(), 1):
+    lines = (text or "").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            # A torn last line (power loss mid-append) is an unfinished commit; anything
-            # else is corruption the user must see.
-            if n == len(text.splitlines()):
+        record = _json_object(line)
+        if record is None:
+            # A torn last line (power loss mid-append) is an unfinished commit, repaired at
+            # the next append; anything else is corruption the user must see.
+            if n == last:
                 continue
-            raise PetctError(f"{source}: line {n} is not valid JSON")
+            raise PetctError(f"{source}: line {n} is not a JSON object")
+        missing = [k for k in required if k not in record]
+        if missing:
+            raise PetctError(f"{source}: line {n} lacks {', '.join(map(repr, missing))}")
+        records.append(record)
     return records
 
 
@@ -178,7 +207,7 @@ def create(root: str, *, spacing_zyx: Sequence[float],
     if existing is None:
         _write_text(root, _INFO, json.dumps(info, indent=2) + "\n")
         return info
-    old = json.loads(existing)
+    old = read_info(root)
     if old.get("format_version") != FORMAT_VERSION:
         raise PetctError(f"{_join(root, _INFO)}: store format {old.get('format_version')} "
                          f"is not {FORMAT_VERSION}")
@@ -282,7 +311,7 @@ def case_bytes(root: str, case_id: str) -> int:
 
 def commit_case(root: str, record: dict) -> None:
     """Make a written case visible by appending its manifest record."""
-    for key in ("id", "patient_id", "cohort", "shape_zyx", "spacing_zyx", "affine_zyx"):
+    for key in _RECORD_KEYS:
         if key not in record:
             raise ValueError(f"manifest record for {record.get('id')!r} lacks {key!r}")
     _append_line(root, _MANIFEST, record)
@@ -296,7 +325,7 @@ def record_failure(root: str, failure: dict) -> None:
 def read_manifest(root: str) -> list[dict]:
     """Committed cases in first-commit order; a later line for an id replaces the earlier."""
     by_id: dict[str, dict] = {}
-    for rec in _parse_jsonl(_read_text(root, _MANIFEST), _join(root, _MANIFEST)):
+    for rec in _parse_jsonl(_read_text(root, _MANIFEST), _join(root, _MANIFEST), _RECORD_KEYS):
         by_id[rec["id"]] = rec
     return list(by_id.values())
 
@@ -309,7 +338,11 @@ def read_info(root: str) -> dict:
     text = _read_text(root, _INFO)
     if text is None:
         raise PetctError(f"{root}: not a petct store (no {_INFO}); create one with `petct preprocess`")
-    return json.loads(text)
+    info = _json_object(text)
+    if info is None or "spacing_zyx" not in info:
+        raise PetctError(f"{_join(root, _INFO)}: damaged (not the JSON object `petct preprocess` "
+                         "writes); restore it from a backup or re-run preprocessing into a new store")
+    return info
 
 
 # ---------------------------------------------------------------------------

@@ -94,10 +94,55 @@ def test_torn_last_line_is_ignored_and_healed(root):
     assert [r["id"] for r in store.read_manifest(root)] == ["a", "c"]
     assert all(json.loads(line) for line in open(path))
     # Garbage before the last line is corruption, reported with its line number.
+    a, c = (json.dumps(_record(i, _arrays(0))) for i in "ac")
     with open(path, "w") as f:
-        f.write('{"id": "a"}\nnot json\n{"id": "c"}\n')
-    with pytest.raises(PetctError, match="line 2 is not valid JSON"):
+        f.write(f'{a}\nnot json\n{c}\n')
+    with pytest.raises(PetctError, match="line 2 is not a JSON object"):
         store.read_manifest(root)
+
+
+def test_a_last_record_without_its_newline_survives_the_next_append(root):
+    store.commit_case(root, _record("a", _arrays(0)))
+    path = os.path.join(root, "manifest.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(_record("b", _arrays(0))))  # complete, but no final newline
+    assert [r["id"] for r in store.read_manifest(root)] == ["a", "b"]
+    store.commit_case(root, _record("c", _arrays(0)))
+    assert [r["id"] for r in store.read_manifest(root)] == ["a", "b", "c"]
+    assert not [n for n in os.listdir(root) if ".torn-" in n]
+
+
+@pytest.mark.parametrize("tail", ['{"id": "b", "pat\n', "garbage\n", "[1, 2]", '{"id": "b"'])
+def test_a_malformed_last_line_is_kept_aside_before_appending(root, tail, capsys):
+    store.commit_case(root, _record("a", _arrays(0)))
+    path = os.path.join(root, "manifest.jsonl")
+    with open(path, "a") as f:
+        f.write(tail)
+    assert [r["id"] for r in store.read_manifest(root)] == ["a"]  # skipped while it is last
+    store.commit_case(root, _record("c", _arrays(0)))
+    assert [r["id"] for r in store.read_manifest(root)] == ["a", "c"]  # and never bricks the store
+    aside = [n for n in os.listdir(root) if n.startswith("manifest.jsonl.torn-")]
+    assert len(aside) == 1
+    assert open(os.path.join(root, aside[0])).read() == tail
+    assert "kept aside in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("line", ["{}", "[1, 2]", '{"id": "x"}'])
+def test_a_record_that_is_not_one_is_a_one_line_error(root, line):
+    a, c = (json.dumps(_record(i, _arrays(0))) for i in "ac")
+    with open(os.path.join(root, "manifest.jsonl"), "w") as f:
+        f.write(f"{a}\n{line}\n{c}\n")
+    with pytest.raises(PetctError, match=r"manifest.jsonl: line 2 (is not a JSON object|lacks .*'patient_id')"):
+        store.read_manifest(root)
+
+
+def test_garbage_store_json_is_a_one_line_error(root):
+    with open(os.path.join(root, "store.json"), "w") as f:
+        f.write("\x00\x01 not json")
+    with pytest.raises(PetctError, match="store.json: damaged"):
+        store.Store(root)
+    with pytest.raises(PetctError, match="store.json: damaged"):
+        store.create(root, spacing_zyx=SPACING)
 
 
 def test_failures_append(root):
@@ -140,3 +185,16 @@ def test_create_checks_an_existing_store(root, tmp_path):
     with pytest.raises(ValueError, match="lacks 'affine_zyx'"):
         store.commit_case(root, {"id": "a", "patient_id": "a", "cohort": "c", "shape_zyx": [1, 1, 1],
                                  "spacing_zyx": [1, 1, 1]})
+
+
+def test_object_storage_appends_repair_the_tail_too(tmp_path, capsys):
+    """Through a kvstore URL (read and rewritten, as on gs://) the same repair applies."""
+    url = "file://" + str(tmp_path / "store")
+    store.create(url, spacing_zyx=SPACING)
+    store.commit_case(url, _record("a", _arrays(0)))
+    with open(tmp_path / "store" / "manifest.jsonl", "a") as f:
+        f.write('{"id": "b", "pat')
+    store.commit_case(url, _record("c", _arrays(0)))
+    assert [r["id"] for r in store.read_manifest(url)] == ["a", "c"]
+    assert [n for n in os.listdir(tmp_path / "store") if n.startswith("manifest.jsonl.torn-")]
+    assert "kept aside" in capsys.readouterr().err
