@@ -22,6 +22,13 @@ chunks it touches. LZ4HC rather than zstd because reading is what the pipeline d
 all day: on float16/int16 scans it decodes ~1.8x cheaper in CPU than zstd level 3 at a
 similar size (benchmarks/RESULTS.md, data_pipeline).
 
+Integrity: every chunk ends in a crc32c (zarr3's `crc32c` codec) and so does the shard
+index, so flipped bytes fail the read; every chunk is written, even one equal to the fill
+value, so a missing data file is damage; `commit_case` records each array's sha256 content
+digest (`record["digests"]`, from the array's zarr.json attributes) for `petct store-info
+--verify`. Opening an array checks its data file, dtype and shape against the store and the
+manifest; any failure is a PetctError naming case, array and folder, never fill values.
+
 A case becomes visible only when its manifest line is written, after its arrays are
 complete; a case whose arrays exist without a manifest line is an interrupted write
 and is rewritten by the next run. Later manifest lines for the same id (from
@@ -34,6 +41,7 @@ documented in preprocessing/harmonize.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -238,13 +246,18 @@ def write_array(root: str, case_id: str, name: str, data: np.ndarray,
         raise ValueError(f"store arrays are 3D (z, y, x); got shape {data.shape}")
     chunk = [min(int(c), int(s)) for c, s in zip(chunk_zyx, data.shape)]
     shard = [int(-(-s // c) * c) for s, c in zip(data.shape, chunk)]  # multiple of the chunk
+    data = np.ascontiguousarray(data, dtype=dtype)
     spec = _array_spec(root, case_id, name)
     spec.update({
         "create": True,
         "delete_existing": True,
+        # Write every chunk, even one equal to the fill value (an empty label): a missing data
+        # file is then always damage, never an empty array.
+        "store_data_equal_to_fill_value": True,
         "metadata": {
             "shape": list(data.shape),
             "data_type": dtype,
+            "attributes": {"digest": content_digest(data)},
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": shard}},
             "codecs": [{
                 "name": "sharding_indexed",
@@ -253,7 +266,8 @@ def write_array(root: str, case_id: str, name: str, data: np.ndarray,
                     "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                {"name": "blosc", "configuration": {
                                    "cname": "lz4hc", "clevel": 5, "shuffle": "shuffle",
-                                   "typesize": np.dtype(dtype).itemsize, "blocksize": 0}}],
+                                   "typesize": np.dtype(dtype).itemsize, "blocksize": 0}},
+                               {"name": "crc32c"}],  # every chunk checked when it is read
                     "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                      {"name": "crc32c"}],
                 },
@@ -262,7 +276,16 @@ def write_array(root: str, case_id: str, name: str, data: np.ndarray,
         },
     })
     arr = ts.open(spec, context=context).result()
-    return arr.write(np.asarray(data, dtype=dtype))
+    return arr.write(data)
+
+
+def content_digest(data: np.ndarray) -> str:
+    """"sha256:<hex>" of an array's voxels in C order, little-endian, in its stored dtype:
+    what `petct store-info --verify` recomputes from the chunks it decodes."""
+    data = np.ascontiguousarray(data)
+    if data.dtype.byteorder == ">":
+        data = data.astype(data.dtype.newbyteorder("<"))
+    return "sha256:" + hashlib.sha256(memoryview(data).cast("B")).hexdigest()
 
 
 def write_case(root: str, case_id: str, arrays: dict[str, np.ndarray],
@@ -314,7 +337,20 @@ def commit_case(root: str, record: dict) -> None:
     for key in _RECORD_KEYS:
         if key not in record:
             raise ValueError(f"manifest record for {record.get('id')!r} lacks {key!r}")
+    if "digests" not in record:  # as written by write_case, read back from each zarr.json
+        record = {**record, "digests": _written_digests(root, record["id"],
+                                                        record.get("arrays", ARRAY_DTYPES))}
     _append_line(root, _MANIFEST, record)
+
+
+def _written_digests(root: str, case_id: str, names: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for name in names:
+        text = _read_text(_join(root, "cases", case_id, name), "zarr.json")
+        digest = ((_json_object(text) or {}).get("attributes") or {}).get("digest") if text else None
+        if digest:
+            out[name] = digest
+    return out
 
 
 def record_failure(root: str, failure: dict) -> None:
@@ -392,6 +428,8 @@ class Store:
             raise PetctError(f"{self.root}: no case {case_id!r} in the manifest") from None
 
     def array(self, case_id: str, name: str) -> ts.TensorStore:
+        """The opened array, checked against the manifest: its data exists, and its dtype and
+        shape are the store's and the record's (else a PetctError naming case, array, file)."""
         key = (case_id, name)
         if key not in self._arrays:
             if self._context is None:
@@ -401,9 +439,59 @@ class Store:
                 })
             if name not in self.record(case_id).get("arrays", ARRAY_DTYPES):
                 raise PetctError(f"{self.root}: case {case_id!r} has no {name!r} array")
-            self._arrays[key] = ts.open(_array_spec(self.root, case_id, name),
-                                        read=True, context=self._context).result()
+            self._arrays[key] = self._open_checked(case_id, name)
         return self._arrays[key]
+
+    def _where(self, case_id: str, name: str) -> str:
+        return f"{self.root}: case {case_id!r}, array {name!r} ({_join(self.root, 'cases', case_id, name)})"
+
+    def _open_checked(self, case_id: str, name: str) -> ts.TensorStore:
+        where = self._where(case_id, name)
+        spec = _array_spec(self.root, case_id, name)
+        try:
+            arr = ts.open(spec, read=True, context=self._context).result()
+            # One shard per array: without its file a zarr3 read returns fill values.
+            keys = ts.KvStore.open(spec["kvstore"]).result().list().result()
+        except ValueError as e:
+            raise PetctError(f"{where}: cannot be opened ({_first_line(e)})") from None
+        if not any(k.startswith(b"c/") or k.startswith(b"c.") for k in keys) and not self._all_fill(case_id, name):
+            raise PetctError(f"{where}: its data file is missing (only {sorted(k.decode() for k in keys)})")
+        if arr.dtype.name != ARRAY_DTYPES[name]:
+            raise PetctError(f"{where}: zarr.json says {arr.dtype.name}, the store keeps {name} "
+                             f"as {ARRAY_DTYPES[name]}")
+        shape = list(self.record(case_id)["shape_zyx"])
+        if list(arr.shape) != shape:
+            raise PetctError(f"{where}: shape {list(arr.shape)} but the manifest records {shape}")
+        return arr
+
+    def _all_fill(self, case_id: str, name: str) -> bool:
+        """Whether the manifest says this array is all zeros, which stores written before every
+        chunk was kept hold without a data file: by its digest, or an old record's empty label."""
+        record = self.record(case_id)
+        digest = (record.get("digests") or {}).get(name)
+        if digest is None:
+            return name == "seg" and record.get("lesion_count") == 0
+        return digest == content_digest(np.zeros(record["shape_zyx"], ARRAY_DTYPES[name]))
+
+    def verify(self, case_id: str) -> list[str]:
+        """Problems of one case's arrays (empty: sound): every chunk read (crc32c-checked)
+        and the voxels' digest compared with the manifest's."""
+        record = self.record(case_id)
+        problems = []
+        for name in record.get("arrays", ARRAY_DTYPES):
+            try:
+                data = self.read(case_id, [name])[name]
+            except PetctError as e:
+                problems.append(str(e))
+                continue
+            want = (record.get("digests") or {}).get(name)
+            if want is None:
+                problems.append(f"{self._where(case_id, name)}: no digest in the manifest "
+                                "(written before digests were recorded): its chunks read, its content is unchecked")
+            elif content_digest(data) != want:
+                problems.append(f"{self._where(case_id, name)}: content differs from the digest "
+                                "recorded when it was written")
+        return problems
 
     def read(self, case_id: str, names: Iterable[str], lo: Sequence[int] | None = None,
              hi: Sequence[int] | None = None, fill: float = 0,
@@ -434,11 +522,19 @@ class Store:
         out = {}
         dst = tuple(slice(a - l, b - l) for a, b, l in zip(in_lo, in_hi, lo))
         for name, fut in futures.items():
-            if inside and fut is not None:
-                out[name] = fut.result()  # a fresh array already: no padded copy needed
+            try:
+                got = None if fut is None else fut.result()
+            except ValueError as e:  # a chunk's checksum or the shard index failed
+                raise PetctError(f"{self._where(case_id, name)}: damaged ({_first_line(e)})") from None
+            if inside and got is not None:
+                out[name] = got  # a fresh array already: no padded copy needed
                 continue
             box = np.full([b - a for a, b in zip(lo, hi)], fill, dtype=kinds[name])
-            if fut is not None:
-                box[dst] = fut.result()
+            if got is not None:
+                box[dst] = got
             out[name] = box
         return out
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

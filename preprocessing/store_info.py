@@ -4,6 +4,11 @@ Prints cases, patients, labelled cases, lesions, bytes and spacing per cohort, t
 failures not since fixed (no committed case of that id and cohort), and case folders without a manifest
 line (interrupted writes, rewritten by the next `petct preprocess`). `--json` prints
 the same as one JSON object.
+
+Every committed array is opened and checked against the manifest (its data file exists,
+dtype and shape as recorded); `--verify` also reads every chunk (each carries a crc32c)
+and compares each array's content with the sha256 digest recorded when it was written.
+Each damaged case and array is named, and the exit status is 1 if any is.
 """
 
 from __future__ import annotations
@@ -14,11 +19,14 @@ import os
 from collections import defaultdict
 
 from petct_jax import store
+from petct_jax.errors import PetctError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="harmonized store (path or URL)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--verify", action="store_true",
+                        help="read every chunk and check every array's content digest")
 
 
 def _totals(records: list[dict]) -> dict:
@@ -33,7 +41,28 @@ def _totals(records: list[dict]) -> dict:
     }
 
 
-def store_summary(root: str) -> dict:
+def check_arrays(root: str, full: bool) -> dict[str, list[str]]:
+    """{case id: its problems} for the damaged cases: opened and checked against the manifest,
+    with `full` every chunk read and every digest compared (`Store.verify`)."""
+    s = store.Store(root)
+    damaged = {}
+    for case_id in s.ids:
+        if full:
+            problems = s.verify(case_id)
+        else:
+            problems = []
+            for name in s.record(case_id).get("arrays", store.ARRAY_DTYPES):
+                try:
+                    s.array(case_id, name)
+                except PetctError as e:
+                    problems.append(str(e))
+        unchecked = [p for p in problems if "no digest in the manifest" in p]
+        if len(unchecked) < len(problems):
+            damaged[case_id] = problems
+    return damaged
+
+
+def store_summary(root: str, verify: bool = False) -> dict:
     info = store.read_info(root)
     records = store.read_manifest(root)
     committed = {r["id"] for r in records}
@@ -58,6 +87,8 @@ def store_summary(root: str) -> dict:
         "cohorts": {name: _totals(recs) for name, recs in sorted(by_cohort.items())},
         "failures": list(outstanding.values()),
         "uncommitted": uncommitted,
+        "verified": "content" if verify else "structure",
+        "damaged": check_arrays(root, full=verify),
     }
 
 
@@ -70,10 +101,11 @@ def _bytes(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = store_summary(args.store)
+    s = store_summary(args.store, verify=args.verify)
+    status = 1 if s["damaged"] else 0
     if args.json:
         print(json.dumps(s, sort_keys=True))
-        return 0
+        return status
     spacing = " x ".join(f"{v:g}" for v in s["spacing_zyx"])
     print(f"store {s['store']}: format {s['format_version']}, spacing {spacing} mm (z, y, x), "
           f"chunks {'x'.join(str(c) for c in s['chunk_zyx'])}")
@@ -95,4 +127,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(s['uncommitted'])} case folders without a manifest line (interrupted writes; "
               f"the next `petct preprocess` rewrites them): {', '.join(s['uncommitted'][:5])}"
               + (" ..." if len(s["uncommitted"]) > 5 else ""))
-    return 0
+    checked = ("every chunk read and every digest compared" if s["verified"] == "content"
+               else "arrays opened and checked against the manifest; --verify reads every chunk")
+    if s["damaged"]:
+        print(f"{len(s['damaged'])} damaged cases ({checked}):")
+        for case_id, problems in s["damaged"].items():
+            for problem in problems:
+                print(f"  {problem}")
+    else:
+        print(f"no damaged case ({checked})")
+    return status
