@@ -81,6 +81,7 @@ def main() -> None:
     prepare_cpu_process(huge_pages=not args.no_huge_pages)
 
     import jax
+    import jax.numpy as jnp
     import torch
     from flax import nnx
 
@@ -93,11 +94,12 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from train_step import NETS, torch_twin
 
-    gpu = jax.default_backend() == "gpu"
+    # bfloat16 compute on GPU and TPU as in training; the label below is the model's own dtype.
+    dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(os.cpu_count())
     window = tuple(args.window)
-    model = PlainConvUNet(**NETS[args.net], rngs=nnx.Rngs(0))
+    model = PlainConvUNet(**NETS[args.net], dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))
     image = synthetic_scan(tuple(args.shape))
     predict = make_predict_fn(model)
     net = torch_twin(model, torch_device).eval()
@@ -144,7 +146,7 @@ def main() -> None:
         "jax": jax.__version__, "torch": torch.__version__,
         "net": args.net, "scan_zyx": list(args.shape), "window": list(window),
         "overlap": args.overlap, "batch_windows": args.batch_windows, "windows": n_windows,
-        "dtype": "bfloat16" if gpu else "float32",
+        "dtype": str(jnp.dtype(model.dtype)),
         "ours_s": round(best["ours"], 3), "monai_s": round(best["monai"], 3),
         "speedup": round(best["monai"] / best["ours"], 3),
         "ours_first_run_s": round(first_ours, 2), "monai_first_run_s": round(first_monai, 2),

@@ -75,6 +75,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side after compiling")
     parser.add_argument("--no-finetune", action="store_true", help="MAE step only")
+    parser.add_argument("--remat", choices=("none", "stage", "stage_dots"), default="none",
+                        help="our model's rematerialisation policy (config.model.remat)")
+    parser.add_argument("--trace", metavar="DIR", default="",
+                        help="write a jax.profiler trace of 3 of our MAE steps into DIR")
     parser.add_argument("--xla-conv", action="store_true",
                         help="also time our MAE step with XLA's 3D convolution")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
@@ -86,7 +90,7 @@ def parse_args() -> argparse.Namespace:
 # ---------------------------------------------------------------- configs and our side
 
 
-def make_config(task: str, args: argparse.Namespace, gpu: bool):
+def make_config(task: str, args: argparse.Namespace, accelerator: bool):
     """configs/pretrain.py:plain_unet or configs/finetune.py:plain_unet,scratch at our size."""
     import importlib.util
 
@@ -98,7 +102,8 @@ def make_config(task: str, args: argparse.Namespace, gpu: bool):
     config = module.get_config("plain_unet" if task == "mae" else "plain_unet,scratch")
     config.batch_size = args.batch
     config.data.patch = tuple(args.crop)
-    config.model.dtype = "bfloat16" if gpu else "float32"
+    config.model.dtype = "bfloat16" if accelerator else "float32"  # GPU and TPU alike
+    config.model.remat = None if args.remat == "none" else args.remat
     config.total_steps = 1000
     config.optim.warmup_steps = 0
     for key, value in NETS[args.net].items():
@@ -266,11 +271,11 @@ def time_pair(ours: Callable[[], None], ref: Callable[[], None], steps: int
     return t_ours, t_ref
 
 
-def run_task(task: str, args: argparse.Namespace, gpu: bool, torch_device: str) -> dict:
+def run_task(task: str, args: argparse.Namespace, accelerator: bool, torch_device: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    config = make_config(task, args, gpu)
+    config = make_config(task, args, accelerator)
     model, step, state, loss_fn, raw_step = build_ours(task, config)
     backbone = model.backbone if task == "mae" else model
     data = synthetic_batch(task, args.batch, args.crop)
@@ -315,6 +320,11 @@ def run_task(task: str, args: argparse.Namespace, gpu: bool, torch_device: str) 
         ours_step()
         ref_step()
     t_ours, t_ref = time_pair(ours_step, ref_step, args.steps)
+    if args.trace and task == "mae":  # after timing, so the profiler costs the figures nothing
+        with jax.profiler.trace(args.trace):
+            for _ in range(3):
+                ours_step()
+        result["trace_dir"] = args.trace
     best_ours, best_ref = min(t_ours), min(t_ref)
     result.update({
         "ours_step_s": round(best_ours, 3), "ref_step_s": round(best_ref, 3),
@@ -372,13 +382,13 @@ def main() -> None:
     import jax
     import torch
 
-    gpu = jax.default_backend() == "gpu"
+    accelerator = jax.default_backend() != "cpu"
     torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True  # nnU-Net's setting: the fastest cuDNN algorithms
     voxels = args.batch * math.prod(args.crop)
 
-    mae = run_task("mae", args, gpu, torch_device)
+    mae = run_task("mae", args, accelerator, torch_device)
     print(f"MAE step, batch {args.batch} x {tuple(args.crop)}: ours {mae['ours_step_s']} s "
           f"({mae['ours_voxels_per_s']} vox/s), reference {mae['ref_step_s']} s "
           f"({mae['ref_voxels_per_s']} vox/s), speedup {mae['speedup']}", flush=True)
@@ -389,13 +399,13 @@ def main() -> None:
         "huge_pages": huge_pages_on(),
         "jax": jax.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "net": args.net, "batch": args.batch, "crop": list(args.crop),
-        "dtype_ours": "bfloat16" if gpu else "float32",
+        "dtype_ours": "bfloat16" if accelerator else "float32", "remat": args.remat,
         "dtype_ref": "fp16 AMP" if torch_device == "cuda" else "float32",
         "voxels_per_step": voxels,
         **{k: v for k, v in mae.items()},
     }
     if not args.no_finetune:
-        seg = run_task("seg", args, gpu, torch_device)
+        seg = run_task("seg", args, accelerator, torch_device)
         print(f"fine-tuning step: ours {seg['ours_step_s']} s, reference {seg['ref_step_s']} s, "
               f"speedup {seg['speedup']}", flush=True)
         out.update({f"finetune_{k}": v for k, v in seg.items() if k != "speedup"})
