@@ -415,3 +415,73 @@ def test_cli_refuses_non_empty_output(tmp_path, capsys):
         generate_cohort(tmp_path / "y", 1, size="huge", progress=False)
     with pytest.raises(PetctError, match="--layout"):
         generate_cohort(tmp_path / "y", 1, layout="bids", progress=False)
+
+
+def _tree(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def test_overwrite_removes_only_the_cohort_s_own_files(tmp_path, capsys):
+    """--overwrite replaces the files phantoms.json lists and nothing else: a user's files at
+    the top, inside a generated folder, and a folder of their own all survive."""
+    out = tmp_path / "cohort"
+    generate_cohort(out, 2, seed=3, size="tiny", layout="nnunet", preview=True, progress=False)
+    side = json.loads((out / "phantoms.json").read_text())
+    assert set(side["outputs"]) == _tree(out)  # every file written was listed
+    (out / "notes.txt").write_text("mine")
+    (out / "imagesTr" / "extra_0000.nii.gz").write_bytes(b"my own scan")
+    (out / "mine").mkdir()
+    (out / "mine" / "a.txt").write_text("mine too")
+    rc = main(["phantoms", "--out", str(out), "--cases", "1", "--seed", "4", "--size", "tiny", "--quiet",
+               "--overwrite"])
+    assert rc == 0, capsys.readouterr().err
+    new = json.loads((out / "phantoms.json").read_text())
+    assert new["seed"] == 4 and new["layout"] == "autopet"
+    user = {"notes.txt", "imagesTr/extra_0000.nii.gz", "mine/a.txt"}
+    assert _tree(out) == set(new["outputs"]) | user  # old cohort gone, user's files kept
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "imagesTr" / "extra_0000.nii.gz").read_bytes() == b"my own scan"
+    assert not (out / "labelsTr").exists() and not (out / "previews").exists()  # emptied: removed
+    # A second normal run with --overwrite still works, and still keeps the user's files.
+    generate_cohort(out, 1, seed=4, size="tiny", overwrite=True, progress=False)
+    assert _tree(out) == set(new["outputs"]) | user
+
+
+def test_overwrite_after_a_crash_and_of_an_older_sidecar(tmp_path):
+    out = tmp_path / "cohort"
+    generate_cohort(out, 1, seed=0, size="tiny", progress=False)
+    side = json.loads((out / "phantoms.json").read_text())
+    (out / "notes.txt").write_text("mine")
+    # A crash leaves the incomplete sidecar, which lists the files before any is written.
+    (out / "phantoms.json").write_text(json.dumps({**side, "status": "incomplete", "studies": []}))
+    generate_cohort(out, 1, seed=1, size="tiny", layout="nnunet", overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not any(p.name.startswith("PETCT_") for p in out.iterdir())  # the seed-0 study is gone
+    # A complete sidecar of an older petct (no "outputs") is read through its studies' paths.
+    side = json.loads((out / "phantoms.json").read_text())
+    del side["outputs"]
+    (out / "phantoms.json").write_text(json.dumps(side))
+    generate_cohort(out, 1, seed=0, size="tiny", overwrite=True, progress=False)
+    assert not (out / "imagesTr").exists() and not (out / "dataset.json").exists()
+    assert (out / "notes.txt").read_text() == "mine"
+    # An unfinished one of an older petct cannot say what it wrote: refused, nothing removed.
+    side = json.loads((out / "phantoms.json").read_text())
+    del side["outputs"]
+    (out / "phantoms.json").write_text(json.dumps({**side, "status": "incomplete", "studies": []}))
+    before = _tree(out)
+    with pytest.raises(PetctError, match="does not list its files"):
+        generate_cohort(out, 1, seed=2, size="tiny", overwrite=True, progress=False)
+    assert _tree(out) == before
+
+
+def test_overwrite_never_writes_over_a_user_file(tmp_path):
+    """A user's file where the new cohort would write one (not the old cohort's) is refused
+    before anything is removed."""
+    out = tmp_path / "cohort"
+    generate_cohort(out, 1, seed=0, size="tiny", progress=False)
+    before = _tree(out)
+    (out / "dataset.json").write_text('{"mine": true}')  # the nnU-Net cohort would write this
+    with pytest.raises(PetctError, match=r"refusing to overwrite .*dataset.json.*did not write it"):
+        generate_cohort(out, 1, seed=0, size="tiny", layout="nnunet", overwrite=True, progress=False)
+    assert _tree(out) == before | {"dataset.json"}
+    assert json.loads((out / "dataset.json").read_text()) == {"mine": True}

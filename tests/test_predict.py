@@ -313,3 +313,28 @@ def test_workdir_errors(workdir, tmp_path, capsys):
     json.dump(cfg, open(os.path.join(wrong, "config.json"), "w"))
     assert "holds a 'mae' run" in error(["--checkpoint", wrong, "--pet", pet, "--ct", ct])
     assert not os.path.exists(out)
+
+
+def test_outputs_never_replace_the_input_and_need_overwrite(workdir, tmp_path, capsys):
+    """`--out` equal to the PET input used to overwrite the patient's SUV with the mask (rc 0)."""
+    aff = ns.affine((4.0, 4.0, 4.0), "RAS", PET_SHAPE)
+    pet, ct = write_scene(str(tmp_path), aff, PET_SHAPE)
+    before = open(pet, "rb").read()
+    base = ["predict", "--checkpoint", workdir, "--pet", pet, "--ct", ct, "--no-progress"]
+    for out in (pet, os.path.relpath(pet), os.path.join(str(tmp_path), ".", "SUV.nii.gz")):
+        for flags in ([], ["--overwrite"]):
+            assert cli.main([*base, "--out", out, *flags]) == 2
+            err = capsys.readouterr().err.strip()
+            assert f"--out {out} is the same file as --pet {pet}" in err and "\n" not in err
+    assert open(pet, "rb").read() == before
+    out = str(tmp_path / "seg.nii.gz")
+    assert cli.main([*base, "--out", out]) == 0
+    first = open(out, "rb").read()
+    first_mask = np.asarray(nib.load(out).dataobj)
+    capsys.readouterr()
+    assert cli.main([*base, "--out", out]) == 2  # an existing output needs --overwrite
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert open(out, "rb").read() == first
+    assert cli.main([*base, "--out", out, "--overwrite"]) == 0  # a second run with --overwrite works
+    np.testing.assert_array_equal(np.asarray(nib.load(out).dataobj), first_mask)  # the same prediction
+    assert nib.load(out).get_data_dtype() == np.uint8 and open(pet, "rb").read() == before

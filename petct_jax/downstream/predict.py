@@ -2,7 +2,7 @@
 
     petct predict --checkpoint W --pet SUV.nii.gz --ct CT.nii.gz --out seg.nii.gz
                   [--probabilities prob.nii.gz] [--which best|latest|STEP] [--mirror]
-                  [--batch-windows N] [--spacing Z,Y,X]
+                  [--batch-windows N] [--spacing Z,Y,X] [--overwrite]
     petct predict --checkpoint W --input DIR --out OUTDIR [--layout auto|autopet|nnunet|csv]
                   [--probabilities PROBDIR] [--overwrite] ...
 
@@ -45,6 +45,13 @@ or nnU-Net layout, or a CSV list), writes `OUTDIR/<case>.nii.gz`, skips cases wh
 outputs exist unless `--overwrite`, reports a case that fails on one line and goes on
 (exit status 1 when any failed). Outputs are written to a temporary name and renamed, so
 an interrupted run never leaves a half-written mask that a re-run would skip.
+
+Outputs never replace inputs: an output (`--out`, `--probabilities`, or a batch output
+`OUTDIR/<case>.nii.gz`) that is, or resolves to, an input scan (`--pet`, `--ct`, a listed
+case's files, `--input` itself) is refused before the model loads, as are `--out` and
+`--probabilities` naming the same file or folder. The one-scan form replaces an existing
+`--out`/`--probabilities` file only with `--overwrite`; without it the batch form writes only
+a case's missing outputs, never over one that exists.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ import numpy as np
 
 from petct_jax.data.normalize import CHANNELS, CTForegroundStats, Normalizer, check_channels, make_normalizer
 from petct_jax.errors import PetctError
+from petct_jax.output_paths import refuse_existing, refuse_output_over_inputs, same_path, save_nifti
 from petct_jax.preprocessing.readers import NIFTI_ENDINGS
 
 
@@ -82,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the lesion probability map (float32): a .nii.gz file, or a "
                              "folder in the batch form")
     parser.add_argument("--overwrite", action="store_true",
-                        help="batch form: redo cases whose outputs exist (default: skip them)")
+                        help="replace existing outputs: one scan: an existing --out/--probabilities "
+                             "file (default: refuse); batch form: redo cases whose outputs exist "
+                             "(default: skip them)")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=None,
                         help="mirroring test-time augmentation, 8x the network calls (default: the "
                              "run's eval.mirror)")
@@ -384,22 +394,59 @@ def write_nifti(path: str, data: np.ndarray, affine: np.ndarray, header: Any) ->
         img.header["cal_min"], img.header["cal_max"] = 0, max(int(data.max()), 1)
     else:
         img.header["cal_min"], img.header["cal_max"] = 0.0, 1.0
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    ending = ".nii.gz" if path.endswith(".nii.gz") else ".nii"
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}{ending}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_nifti(img, path)
 
 
-def write_prediction(pred: Prediction, out: str, probabilities: str | None = None) -> None:
-    write_nifti(out, pred.mask, pred.affine, pred.header)
+def write_prediction(pred: Prediction, out: str | None, probabilities: str | None = None) -> None:
+    """Write the mask to `out` and the probability map to `probabilities`; None skips one."""
+    if out is not None:
+        write_nifti(out, pred.mask, pred.affine, pred.header)
     if probabilities is not None and pred.probability is not None:
         write_nifti(probabilities, pred.probability, pred.affine, pred.header)
+
+
+def check_one_scan_outputs(args: argparse.Namespace) -> None:
+    """The one-scan form's outputs replace neither its inputs nor each other, nor (without
+    --overwrite) an existing file."""
+    inputs = (("--pet", args.pet), ("--ct", args.ct))
+    outputs = [("--out", args.out)] + ([("--probabilities", args.probabilities)] if args.probabilities else [])
+    for option, path in outputs:
+        refuse_output_over_inputs(path, inputs, option)
+    if args.probabilities and same_path(args.out, args.probabilities):
+        raise PetctError(f"--probabilities {args.probabilities} is the same file as --out {args.out}: "
+                         "the map would replace the mask")
+    for option, path in outputs:
+        refuse_existing([path], getattr(args, "overwrite", False), option)
+
+
+def check_folder_outputs(args: argparse.Namespace, specs: Sequence[Any]) -> None:
+    """The batch form's output folders are not the input, not each other, and no output file
+    of any case is one of the listed input files."""
+    folders = [("--out", args.out)] + ([("--probabilities", args.probabilities)] if args.probabilities else [])
+    for option, folder in folders:
+        refuse_output_over_inputs(folder, [("--input", args.input)], option)
+    if args.probabilities and same_path(args.out, args.probabilities):
+        raise PetctError(f"--probabilities {args.probabilities} is the same folder as --out {args.out}: "
+                         "the maps would replace the masks")
+    # One stat per file (not outputs x inputs comparisons): inputs by inode and by resolved path.
+    by_inode, by_path = {}, {}
+    for spec in specs:
+        for role, path in (("PET", spec.pet), ("CT", spec.ct), ("SEG", spec.seg)):
+            if path and os.path.exists(path):
+                st = os.stat(path)
+                by_inode[(st.st_dev, st.st_ino)] = by_path[os.path.realpath(path)] = f"{spec.id} {role} {path}"
+    for option, folder in folders:
+        if not os.path.isdir(folder):
+            continue  # created by the run: nothing in it can be an input
+        for spec in specs:
+            out = os.path.join(folder, f"{spec.id}.nii.gz")
+            hit = by_path.get(os.path.realpath(out))
+            if hit is None and os.path.exists(out):
+                st = os.stat(out)
+                hit = by_inode.get((st.st_dev, st.st_ino))
+            if hit is not None:
+                raise PetctError(f"{option} {folder}: output {out} is the same file as input {hit}: "
+                                 "refusing to overwrite an input")
 
 
 def _check_nifti_name(path: str, option: str) -> None:
@@ -444,8 +491,10 @@ def predict_folder(predictor: Predictor, args: argparse.Namespace) -> int:
     from petct_jax.preprocessing.readers import list_cases
 
     specs = list_cases(args.input, args.layout)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise PetctError(f"--out {args.out}: the batch form writes into a folder; this is a file")
+    for option, folder in (("--out", args.out), ("--probabilities", args.probabilities)):
+        if folder and os.path.exists(folder) and not os.path.isdir(folder):
+            raise PetctError(f"{option} {folder}: the batch form writes into a folder; this is a file")
+    check_folder_outputs(args, specs)
     todo, skipped, failed = [], [], []
     for spec in specs:
         outs = [os.path.join(args.out, f"{spec.id}.nii.gz")]
@@ -454,7 +503,9 @@ def predict_folder(predictor: Predictor, args: argparse.Namespace) -> int:
         if not args.overwrite and all(os.path.exists(p) for p in outs):
             skipped.append(spec.id)
         else:
-            todo.append((spec, outs))
+            # Without --overwrite only the missing outputs are written (a mask already there,
+            # e.g. before --probabilities was asked for, is kept as it is).
+            todo.append((spec, [p if args.overwrite or not os.path.exists(p) else None for p in outs]))
     bar = tqdm(total=len(todo), unit="scan", desc="predict", disable=args.no_progress,
                file=sys.stderr, dynamic_ncols=True)
     written = 0
@@ -469,7 +520,8 @@ def predict_folder(predictor: Predictor, args: argparse.Namespace) -> int:
                 written += 1
                 for w in pred.record.get("warnings", []):
                     bar.write(f"petct predict: warning: {spec.id}: {w}", file=sys.stderr)
-                bar.write(f"petct predict: {_summary_line(pred, outs[0])}", file=sys.stdout)
+                mask_path = os.path.join(args.out, f"{spec.id}.nii.gz")
+                bar.write(f"petct predict: {_summary_line(pred, mask_path)}", file=sys.stdout)
             except PetctError as e:
                 failed.append(str(e))
                 bar.write(f"FAILED {e}", file=sys.stderr)
@@ -496,6 +548,7 @@ def run(args: argparse.Namespace) -> int:
         for option, path in (("--pet", args.pet), ("--ct", args.ct)):
             if path is not None and not os.path.isfile(path):
                 raise PetctError(f"{option} {path}: no such file")
+        check_one_scan_outputs(args)
         channels = run_channels(read_run_config(args.checkpoint))
         if "ct" in channels and args.ct is None:
             raise PetctError(f"the model in {args.checkpoint} was trained on "

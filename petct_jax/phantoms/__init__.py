@@ -3,7 +3,8 @@
 Writes studies in the AutoPET NIfTI layout (`PETCT_<id>/<study>/{CT,CTres,PET,SUV,SEG}.nii.gz`)
 or the nnU-Net raw layout (`imagesTr/<case>_0000|_0001.nii.gz`, `labelsTr/`, `dataset.json`),
 plus a cohort sidecar `phantoms.json` with, per study, the patient, centre, SUV factor and the
-lesions in world millimetres (RAS+). The phantom is analytic in world coordinates and is
+lesions in world millimetres (RAS+), and the list of every file the cohort writes (recorded
+before the first is written; `--overwrite` removes those and nothing else). The phantom is analytic in world coordinates and is
 evaluated at each file's voxel centres, so every file's affine is right by construction;
 centres differ in voxel sizes, fields of view, orientation, storage and noise.
 
@@ -23,7 +24,8 @@ __all__ = ["generate_cohort", "add_arguments", "run", "SIZES", "CENTRES", "LAYOU
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output directory (created; must be empty)")
+    parser.add_argument("--out", required=True,
+                        help="output directory (created; must be empty unless --overwrite)")
     parser.add_argument("--cases", type=int, default=24, help="number of studies (default 24)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--layout", choices=LAYOUTS, default="autopet",
@@ -34,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         + " (default small)")
     parser.add_argument("--preview", action="store_true", help="write previews/<case>.png per study")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing phantom cohort in --out")
+                        help="replace the phantom cohort in --out: removes only the files its "
+                             "phantoms.json lists; other files there are kept")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

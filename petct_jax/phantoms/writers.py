@@ -33,13 +33,28 @@ def save_nifti(path: Path, data: np.ndarray, grid: Grid, scaling: tuple[float, f
     nib.save(img, str(path))
 
 
+def study_paths(plan: StudyPlan, layout: str, preview: bool = False) -> dict[str, str]:
+    """The files `write_study` (and, with `preview`, the preview) writes for a study, relative to
+    the cohort folder, by role; known from the plan alone, before anything is rendered."""
+    if layout == "autopet":
+        d = Path(plan.patient.patient_id) / plan.study_id
+        paths = {k: (d / f"{k}.nii.gz").as_posix() for k in ("CT", "CTres", "PET", "SUV", "SEG")}
+    elif layout == "nnunet":
+        paths = {"CTres": f"imagesTr/{plan.case}_0000.nii.gz", "SUV": f"imagesTr/{plan.case}_0001.nii.gz",
+                 "SEG": f"labelsTr/{plan.case}.nii.gz"}
+    else:  # pragma: no cover - validated by the caller
+        raise ValueError(layout)
+    if preview:
+        paths["preview"] = f"previews/{plan.case}.png"
+    return paths
+
+
 def write_study(out: Path, plan: StudyPlan, r: Rendered, layout: str) -> dict[str, str]:
     """Write one study's files; returns their paths relative to `out` by role."""
     pg, cg = plan.pet_grid, plan.ct_grid
+    paths = study_paths(plan, layout)
     if layout == "autopet":
-        d = Path(plan.patient.patient_id) / plan.study_id
-        (out / d).mkdir(parents=True, exist_ok=True)
-        paths = {k: (d / f"{k}.nii.gz").as_posix() for k in ("CT", "CTres", "PET", "SUV", "SEG")}
+        (out / paths["CT"]).parent.mkdir(parents=True, exist_ok=True)
         save_nifti(out / paths["CT"], r.ct_raw, cg, r.ct_scaling, "phantom CT (HU)")
         save_nifti(out / paths["CTres"], r.ctres, pg, descrip="phantom CT on PET grid (HU)")
         save_nifti(out / paths["PET"], r.pet_raw, pg, r.pet_scaling, "phantom PET (Bq/mL)")
@@ -48,8 +63,6 @@ def write_study(out: Path, plan: StudyPlan, r: Rendered, layout: str) -> dict[st
     elif layout == "nnunet":
         (out / "imagesTr").mkdir(parents=True, exist_ok=True)
         (out / "labelsTr").mkdir(parents=True, exist_ok=True)
-        paths = {"CTres": f"imagesTr/{plan.case}_0000.nii.gz", "SUV": f"imagesTr/{plan.case}_0001.nii.gz",
-                 "SEG": f"labelsTr/{plan.case}.nii.gz"}
         save_nifti(out / paths["CTres"], r.ctres, pg, descrip="phantom CT on PET grid (HU)")
         save_nifti(out / paths["SUV"], r.suv, pg, descrip="phantom PET (SUVbw)")
         save_nifti(out / paths["SEG"], r.seg, pg, descrip="lesion mask")
