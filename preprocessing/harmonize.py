@@ -61,7 +61,8 @@ noted:
     lesion_count, lesion_volume_ml
     lesion_count_source        components of the label on its own grid (a drop in
                                lesion_count flags lesions lost to resampling/cropping)
-    warnings                   list of strings (binarized labels, Bq/mL-looking PET...)
+    warnings                   list of strings (binarized labels, Bq/mL-looking PET,
+                               "plausibility warning [CHECK]: ..." from plausibility.py)
     preprocessing_version      PREPROCESSING_VERSION
     bytes, seconds             bytes of the case's arrays on disk and the time taken to
                                harmonize and write it (added by preprocess.py)
@@ -72,6 +73,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import zlib
 from typing import Sequence
 
 import nibabel as nib
@@ -79,6 +82,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from petct_jax.errors import PetctError
+from petct_jax.preprocessing import plausibility as checks
 from petct_jax.preprocessing.readers import CaseSpec
 
 PREPROCESSING_VERSION = "petct-harmonize-1"
@@ -94,6 +98,8 @@ SUV_SUSPECT_MAX = 1000.0  # an SUV image this bright is almost surely Bq/mL
 GRID_TOLERANCE_VOXELS = 0.1
 MAX_TARGET_AXIS = 4096  # a bigger grid means a broken affine (e.g. metres, not mm)
 OBLIQUE_TOLERANCE_VOXELS = 1e-3
+DEFAULT_MAX_VOXELS = 1_500_000_000  # per image, before reading it (`--max-voxels`)
+GZIP_MAX_RATIO = 1100  # deflate's best ratio is about 1032:1; a bigger claim is no real data
 
 
 class CaseError(PetctError):
@@ -150,7 +156,82 @@ class Image:
                 "axcodes": "".join(nib.aff2axcodes(self.affine))}
 
 
-def open_image(path: str, role: str, case_id: str) -> Image:
+def _size_text(n: float) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _gzip_size(path: str) -> int | None:
+    """Uncompressed bytes of a gzip file over all its members, streamed (output discarded,
+    1 MiB at a time); None when the stream is damaged or ends early."""
+    total, d, pending = 0, zlib.decompressobj(wbits=31), b""
+    with open(path, "rb") as f:
+        try:
+            while True:
+                if not pending:
+                    pending = f.read(1 << 20)
+                    if not pending:
+                        break
+                if d.eof:  # another member follows
+                    d = zlib.decompressobj(wbits=31)
+                total += len(d.decompress(pending, 1 << 20))
+                pending = d.unused_data if d.eof else d.unconsumed_tail
+            while not d.eof and (out := d.decompress(b"", 1 << 20)):
+                total += len(out)
+        except zlib.error:
+            return None
+    return total if d.eof else None
+
+
+def check_claimed_size(img, path: str, role: str, case_id: str, shape: Sequence[int],
+                       max_voxels: int) -> None:
+    """Refuse, from sizes alone and before any voxel is read, a header that claims more
+    voxels than `max_voxels` or more bytes than its file can hold.
+
+    Uncompressed: vox_offset + voxel bytes must fit in the file. Gzip: the claim may not
+    exceed GZIP_MAX_RATIO x the compressed size (deflate cannot do better than about
+    1032:1); below 4 GiB, a trailer ISIZE (uncompressed size mod 2**32) smaller than the
+    claim is confirmed by streaming the file (the trailer only covers the last member, and
+    in a truncated file it is noise): refused when the complete stream is shorter, left
+    to reading (which names the damage) when the stream is broken.
+    """
+    proxy = img.dataobj
+    dtype = np.dtype(img.get_data_dtype())
+    voxels = math.prod(int(s) for s in shape)
+    claim = (f"{role} header claims {'x'.join(str(int(s)) for s in shape)} {dtype.name} "
+             f"({_size_text(voxels * dtype.itemsize)})")
+    if voxels > max_voxels:
+        raise CaseError(case_id, f"{claim}, more than the limit of {max_voxels:,} voxels "
+                                 f"(--max-voxels)", path)
+    data_file = getattr(proxy, "file_like", None)
+    offset = getattr(proxy, "offset", None)
+    if not isinstance(data_file, str) or offset is None:
+        return  # not a file-backed array proxy: nothing to compare against
+    needed = int(offset) + voxels * dtype.itemsize
+    size = os.path.getsize(data_file)
+    isize = None
+    with open(data_file, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
+        if gzipped and size >= 18:  # 10-byte header + 8-byte trailer at the least
+            f.seek(size - 4)
+            isize = int.from_bytes(f.read(4), "little")
+    if not gzipped:
+        if needed > size:
+            raise CaseError(case_id, f"{claim} but the file holds {size} bytes", data_file)
+        return
+    if needed > GZIP_MAX_RATIO * size:
+        raise CaseError(case_id, f"{claim} but the file holds {size} bytes of gzip (at most "
+                                 f"{_size_text(GZIP_MAX_RATIO * size)} uncompressed)", data_file)
+    if needed < (1 << 32) and isize is not None and isize < needed:
+        total = _gzip_size(data_file)
+        if total is not None and total < needed:
+            raise CaseError(case_id, f"{claim} but the file holds {size} bytes of gzip that "
+                                     f"uncompress to {total} bytes", data_file)
+
+
+def open_image(path: str, role: str, case_id: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> Image:
     try:
         img = nib.load(path)
     except FileNotFoundError:
@@ -166,6 +247,7 @@ def open_image(path: str, role: str, case_id: str) -> Image:
             raise CaseError(case_id, f"{role} is {len(shape)}D with shape {shape}; expected a 3D "
                                      f"volume (a series of frames cannot be harmonized)", path)
         shape = shape[:3]
+    check_claimed_size(img, path, role, case_id, shape, max_voxels)
     affine = np.asarray(img.affine, dtype=np.float64)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise CaseError(case_id, f"{role} has a degenerate affine", path)
@@ -468,19 +550,28 @@ def _py(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
+def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX, *,
+              max_voxels: int = DEFAULT_MAX_VOXELS, plausibility: dict[str, str] | None = None
               ) -> tuple[dict[str, np.ndarray], dict]:
     """Harmonize one case: (arrays {"pet", "ct"[, "seg"]}, manifest record without `bytes`).
 
     Raises CaseError (a PetctError) naming the case and the file for every bad input.
     Images are read one at a time and freed when resampled, to bound memory.
+    `max_voxels` caps each image's header-claimed size; `plausibility` gives the level of
+    each check in preprocessing/plausibility.py; None runs none of them. `petct preprocess`
+    and `petct predict` always pass their --plausibility levels (all errors by default;
+    predict turns the CT checks off when the PET stands in for a missing CT).
     """
     if spec.error:
         raise CaseError(spec.id, spec.error, spec.error_file)
     warnings = list(spec.warnings)
-    pet = open_image(spec.pet, "PET", spec.id)
-    ct = open_image(spec.ct, "CT", spec.id)
-    seg = open_image(spec.seg, "SEG", spec.id) if spec.seg else None
+    levels = dict.fromkeys(checks.CHECKS, "off") if plausibility is None else plausibility
+    pet = open_image(spec.pet, "PET", spec.id, max_voxels)
+    ct = open_image(spec.ct, "CT", spec.id, max_voxels)
+    seg = open_image(spec.seg, "SEG", spec.id, max_voxels) if spec.seg else None
+    for img in (pet, ct, seg):
+        if img is not None:
+            checks.report(checks.voxel_size(img), levels, img.fail, warnings)
     if seg is not None and not same_grid(pet, seg):
         raise seg.fail(f"grid (shape {list(seg.shape)}, axes {seg.geometry()['axcodes']}) does "
                        f"not match the PET grid (shape {list(pet.shape)}, axes "
@@ -494,6 +585,7 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
 
     # CT on the whole target grid (the body crop needs it), then crop.
     raw = ct.read()
+    checks.report(checks.ct_values(ct, raw, levels), levels, ct.fail, warnings)
     ct_full = resample(ct, raw, grid_affine, grid_shape, order=1, fill=CT_FILL_HU)
     del raw
     found = body_box(ct_full)
@@ -510,6 +602,7 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
     shape = tuple(int(n) for n in ct_box.shape)
 
     raw = pet.read()
+    checks.report(checks.pet_values(pet, raw, levels), levels, pet.fail, warnings)
     pet32 = resample(pet, raw, affine, shape, order=1, fill=PET_FILL)
     del raw
     pet_max = float(pet32.max())

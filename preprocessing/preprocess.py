@@ -2,7 +2,8 @@
 
     petct preprocess --input RAW --out STORE [--layout auto|autopet|nnunet|csv]
                      [--spacing 3,2,2] [--workers N] [--cohort NAME] [--overwrite]
-                     [--patient-regex REGEX] [--id-prefix TEXT]
+                     [--patient-regex REGEX] [--id-prefix TEXT] [--max-voxels N]
+                     [--plausibility error|warn|off[,CHECK=LEVEL...]]
 
 Cases run in parallel in worker processes started by 'spawn' (TensorStore is not
 fork-safe). A worker reads, harmonizes (preprocessing/harmonize.py) and writes the
@@ -13,6 +14,11 @@ already committed (`--overwrite` redoes them) and retries failed ones. A case th
 cannot be harmonized is reported on one line naming the case and the file, recorded in
 STORE/failures.jsonl, and the rest of the cohort goes on; the exit status is 1 when any
 case failed.
+
+Before anything is read, each image's header is checked against its file's size and
+`--max-voxels` (harmonize.check_claimed_size); scans that are not what they claim to be
+(PET/CT swapped, CT without its offset, same scan under two ids...) are refused by the
+checks of preprocessing/plausibility.py, whose levels `--plausibility` sets.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import math
 import multiprocessing
 import os
 import sys
@@ -33,7 +40,9 @@ from petct_jax import store
 from petct_jax.errors import PetctError
 from petct_jax.folder_lock import folder_lock
 from petct_jax.parent_watch import exit_with_parent, orphaned
-from petct_jax.preprocessing.harmonize import DEFAULT_SPACING_ZYX, CaseError, harmonize
+from petct_jax.preprocessing import plausibility as checks
+from petct_jax.preprocessing.harmonize import (DEFAULT_MAX_VOXELS, DEFAULT_SPACING_ZYX, CaseError,
+                                               harmonize, sha256)
 from petct_jax.preprocessing.readers import LAYOUTS, CaseSpec, list_cases
 
 
@@ -57,6 +66,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "group 1) is the patient id (default: drop a trailing _<digits>)")
     parser.add_argument("--id-prefix", default="",
                         help="prefix for case ids (to merge cohorts whose case names collide)")
+    parser.add_argument("--max-voxels", default=f"{DEFAULT_MAX_VOXELS:g}",
+                        help="refuse an image whose header claims more voxels (default "
+                             "%(default)s: checked before any voxel is read)")
+    parser.add_argument("--plausibility", default="error",
+                        help="level of the plausibility checks, error|warn|off, with optional "
+                             "overrides CHECK=LEVEL (e.g. warn,ct_range=off); checks: "
+                             + ", ".join(checks.CHECKS) + " (default %(default)s)")
+
+
+def parse_max_voxels(text: str) -> int:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value >= 1 and value == int(value)):
+        raise PetctError(f"--max-voxels {text!r}: expected a positive whole number (e.g. 1.5e9)")
+    return int(value)
 
 
 def parse_spacing(text: str) -> tuple[float, float, float]:
@@ -84,14 +110,16 @@ class Summary:
 
 
 def process_case(spec: CaseSpec, root: str, spacing_zyx: Sequence[float],
-                 chunk_zyx: Sequence[int]) -> tuple[str, dict]:
+                 chunk_zyx: Sequence[int], max_voxels: int,
+                 plausibility: dict[str, str]) -> tuple[str, dict]:
     """Harmonize and write one case (runs in a worker): ("ok", record) or ("failed", failure).
 
     Failures come back as plain dicts: an exception would have to survive pickling.
     """
     start = time.perf_counter()
     try:
-        arrays, record = harmonize(spec, spacing_zyx)
+        arrays, record = harmonize(spec, spacing_zyx, max_voxels=max_voxels,
+                                   plausibility=plausibility)
         if orphaned():  # the run is over: another may hold the store's lock by now
             os._exit(1)
         record["bytes"] = store.write_case(root, spec.id, arrays, chunk_zyx)
@@ -121,16 +149,19 @@ def preprocess(input_path: str, root: str, *, layout: str = "auto",
                spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX, workers: int | None = None,
                cohort: str | None = None, overwrite: bool = False,
                patient_regex: str | None = None, id_prefix: str = "",
+               max_voxels: int = DEFAULT_MAX_VOXELS, plausibility: dict[str, str] | None = None,
                progress: bool = True) -> Summary:
     """Harmonize every case of one raw cohort into the store at `root` (one run at a time
-    per store: a second is refused while the first runs)."""
+    per store: a second is refused while the first runs). `plausibility`: the level of
+    each check (plausibility.parse_levels; None: all errors)."""
     specs = list_cases(input_path, layout, cohort, patient_regex, id_prefix)
+    levels = plausibility or checks.default_levels()
     with folder_lock(root, "petct preprocess"):
-        return _preprocess(specs, root, spacing_zyx, workers, overwrite, progress)
+        return _preprocess(specs, root, spacing_zyx, workers, overwrite, progress, max_voxels, levels)
 
 
 def _preprocess(specs: list[CaseSpec], root: str, spacing_zyx: Sequence[float], workers: int | None,
-                overwrite: bool, progress: bool) -> Summary:
+                overwrite: bool, progress: bool, max_voxels: int, levels: dict[str, str]) -> Summary:
     info = store.create(root, spacing_zyx=spacing_zyx)
     committed_before = {r["id"]: r for r in store.read_manifest(root)}
 
@@ -149,11 +180,13 @@ def _preprocess(specs: list[CaseSpec], root: str, spacing_zyx: Sequence[float], 
             _record(root, summary, _failure(spec, spec.error, spec.error_file), None)
             continue
         todo.append(spec)
+    if levels["duplicate"] != "off":
+        todo = _drop_duplicates(todo, committed_before.values(), levels["duplicate"], root, summary)
 
     bar = tqdm(total=len(todo), unit="scan", desc=specs[0].cohort, disable=not progress,
                file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s
-    args = (root, tuple(spacing_zyx), tuple(info["chunk_zyx"]))
+    args = (root, tuple(spacing_zyx), tuple(info["chunk_zyx"]), max_voxels, dict(levels))
     workers = max(1, min(workers or min(os.cpu_count() or 1, 8), len(todo) or 1))
     try:
         if workers == 1:
@@ -167,6 +200,35 @@ def _preprocess(specs: list[CaseSpec], root: str, spacing_zyx: Sequence[float], 
     finally:
         bar.close()
     return summary
+
+
+def _drop_duplicates(todo: list[CaseSpec], committed, level: str, root: str,
+                     summary: Summary) -> list[CaseSpec]:
+    """The duplicate check, here in the parent before any case is dispatched: workers hash
+    their sources in parallel (no one of them sees the others), and `--overwrite` replaces
+    a committed case whose hash would then be gone. Errors fail the case; warnings go
+    into its record."""
+    found = checks.duplicates(todo, committed, sha256)
+    kept = []
+    for spec in todo:
+        if spec.id not in found:
+            kept.append(spec)
+            continue
+        message, file = found[spec.id]
+        if level == "error":
+            _record(root, summary, _failure(spec, f"PET fails plausibility: [duplicate] {message} "
+                                                  f"(--plausibility duplicate=warn|off to accept)",
+                                            file), None)
+        else:
+            warning = f"plausibility warning [duplicate]: {message}"
+            print(_warning_line(spec.id, warning), file=sys.stderr)
+            kept.append(dataclasses.replace(spec, warnings=spec.warnings + (warning,)))
+    return kept
+
+
+def _warning_line(case_id: str, warning: str) -> str:
+    """"plausibility warning [CHECK]: text" -> "plausibility warning [CHECK] case ID: text"."""
+    return warning.replace("]: ", f"] case {case_id}: ", 1)
 
 
 def _run_pool(todo: list[CaseSpec], args: tuple, workers: int, root: str, summary: Summary,
@@ -194,6 +256,10 @@ def _finish(root: str, summary: Summary, status: str, result: dict, bar: tqdm) -
     if status == "ok":
         store.commit_case(root, result)  # the commit point: the case is now visible
         summary.committed.append(result["id"])
+        for w in result.get("warnings", []):
+            # duplicate warnings were printed by the parent before dispatch
+            if w.startswith("plausibility warning [") and "[duplicate]" not in w:
+                bar.write(_warning_line(result["id"], w), file=sys.stderr)
     else:
         _record(root, summary, result, bar)
     bar.update(1)
@@ -214,7 +280,9 @@ def run(args: argparse.Namespace) -> int:
     summary = preprocess(
         args.input, args.out, layout=args.layout, spacing_zyx=parse_spacing(args.spacing),
         workers=args.workers, cohort=args.cohort, overwrite=args.overwrite,
-        patient_regex=args.patient_regex, id_prefix=args.id_prefix)
+        patient_regex=args.patient_regex, id_prefix=args.id_prefix,
+        max_voxels=parse_max_voxels(args.max_voxels),
+        plausibility=checks.parse_levels(args.plausibility))
     print(f"petct preprocess: {len(summary.committed)} committed, {len(summary.skipped)} already "
           f"in the store, {len(summary.failures)} failed -> {args.out}")
     if summary.failures:

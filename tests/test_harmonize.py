@@ -217,3 +217,71 @@ def test_case_errors_name_case_and_file(tmp_path):
     with pytest.raises(hz.CaseError, match=r"^case: PET is 4D .*: " + str(tmp_path)):
         hz.harmonize(_spec(paths), SPACING)
     assert not os.path.exists(tmp_path / "cases")
+
+
+def _lying_header(path: str, shape=(512, 512, 3000)) -> str:
+    """A NIfTI (.nii or .nii.gz by the name) with a valid header claiming `shape` int16 but
+    no voxel data: 348 header bytes + 4 extension bytes + nothing (148 bytes as gzip)."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_shape(shape)
+    hdr["vox_offset"] = 352
+    hdr.set_qform(np.eye(4), code=1)
+    raw = hdr.binaryblock + b"\0" * 4
+    if path.endswith(".gz"):
+        import gzip
+        raw = gzip.compress(raw, mtime=0)
+    with open(path, "wb") as f:
+        f.write(raw)
+    return path
+
+
+@pytest.mark.parametrize("name", ["PET.nii", "PET.nii.gz"])
+def test_a_header_claiming_more_than_the_file_holds_fails_before_allocating(tmp_path, name):
+    path = _lying_header(str(tmp_path / name))
+    size = os.path.getsize(path)
+    tracemalloc.start()
+    with pytest.raises(hz.CaseError) as err:
+        hz.open_image(path, "PET", "case")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50e6, peak
+    assert err.value.file == path
+    assert f"PET header claims 512x512x3000 int16 (1.5 GiB) but the file holds {size} bytes" \
+        in err.value.problem, err.value.problem
+
+
+def test_a_gzip_whose_trailer_is_short_of_the_claim_is_refused(tmp_path):
+    """A plausible compression ratio, but ISIZE (the uncompressed size) is below the claim."""
+    import gzip
+    img = nib.Nifti1Image(np.random.default_rng(0).normal(size=(40, 40, 40)).astype(np.float32),
+                          np.eye(4))
+    img.header.set_data_shape((40, 40, 80))  # claims twice the voxels it stores
+    img.header["vox_offset"] = 352
+    raw = img.header.binaryblock + b"\0" * 4 + img.get_fdata(dtype=np.float32).tobytes("F")
+    path = str(tmp_path / "CT.nii.gz")
+    with open(path, "wb") as f:
+        f.write(gzip.compress(raw))
+    with pytest.raises(hz.CaseError, match=rf"CT header claims 40x40x80 float32 \(500.0 KiB\) but "
+                                           rf"the file holds \d+ bytes of gzip that uncompress to "
+                                           rf"{len(raw)} bytes"):
+        hz.open_image(path, "CT", "case")
+    # An honest header of the same data opens, also written as two gzip members (the
+    # trailer then counts only the second: the stream itself is measured).
+    ns.save(str(tmp_path / "ok.nii.gz"), np.zeros((40, 40, 80), np.float32), np.eye(4))
+    assert hz.open_image(str(tmp_path / "ok.nii.gz"), "CT", "case").shape == (40, 40, 80)
+    honest = nib.Nifti1Image(np.ones((40, 40, 80), np.float32), np.eye(4))
+    honest.header["vox_offset"] = 352
+    block = honest.header.binaryblock + b"\0" * 4
+    with open(tmp_path / "two.nii.gz", "wb") as f:
+        f.write(gzip.compress(block) + gzip.compress(np.ones(128000, np.float32).tobytes()))
+    img = hz.open_image(str(tmp_path / "two.nii.gz"), "CT", "case")
+    assert img.read().min() == 1.0
+
+
+def test_the_voxel_limit(tmp_path):
+    path = ns.save(str(tmp_path / "PET.nii.gz"), np.zeros((20, 20, 20), np.float32), np.eye(4))
+    assert hz.open_image(path, "PET", "case", max_voxels=8000).shape == (20, 20, 20)
+    with pytest.raises(hz.CaseError, match=r"PET header claims 20x20x20 float32 \(31.2 KiB\), more "
+                                           r"than the limit of 7,999 voxels \(--max-voxels\)"):
+        hz.open_image(path, "PET", "case", max_voxels=7999)

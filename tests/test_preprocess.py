@@ -18,6 +18,7 @@ import nifti_scenes as ns
 from process_helpers import HAS_PROC, alive, kill_all, spawned_workers, wait_for
 from petct_jax import cli, store
 from petct_jax.errors import PetctError
+from petct_jax.preprocessing import plausibility as checks
 from petct_jax.preprocessing import readers
 from petct_jax.preprocessing.export import export_case
 from petct_jax.preprocessing.preprocess import preprocess
@@ -133,8 +134,9 @@ def test_nnunet_and_csv_layouts(tmp_path):
     # nnU-Net raw: CT = 0000, PET = 0001, labels for the training cases only.
     nn = tmp_path / "Dataset002_Tiny"
     scans = {"pA_0": "imagesTr", "pA_1": "imagesTr", "pB_0": "imagesTs"}
-    for case_name, images in scans.items():
-        paths = ns.write_scan(str(tmp_path / "tmp" / case_name), seg=images == "imagesTr")
+    for n, (case_name, images) in enumerate(scans.items()):
+        paths = ns.write_scan(str(tmp_path / "tmp" / case_name), seg=images == "imagesTr",
+                              pet_affine=_shifted(n))
         os.makedirs(nn / images, exist_ok=True)
         shutil.copy(paths["ct"], nn / images / f"{case_name}_0000.nii.gz")
         shutil.copy(paths["pet"], nn / images / f"{case_name}_0001.nii.gz")
@@ -152,9 +154,11 @@ def test_nnunet_and_csv_layouts(tmp_path):
     assert recs["pA_0"]["sources"]["pet"].endswith("pA_0_0001.nii.gz")
 
     # A CSV list (the reference split's columns) appended as a second cohort.
-    rows = [("0", "PETCT_c", "s1", "tmp/pA_0/SUV.nii.gz", "tmp/pA_0/CTres.nii.gz",
-             "tmp/pA_0/SEG.nii.gz", "train"),
-            ("1", "PETCT_c", "s2", "tmp/pB_0/SUV.nii.gz", "tmp/pB_0/CTres.nii.gz", "", "test")]
+    ns.write_scan(str(tmp_path / "tmp" / "c1"), pet_affine=_shifted(3))
+    ns.write_scan(str(tmp_path / "tmp" / "c2"), pet_affine=_shifted(4), seg=False)
+    rows = [("0", "PETCT_c", "s1", "tmp/c1/SUV.nii.gz", "tmp/c1/CTres.nii.gz",
+             "tmp/c1/SEG.nii.gz", "train"),
+            ("1", "PETCT_c", "s2", "tmp/c2/SUV.nii.gz", "tmp/c2/CTres.nii.gz", "", "test")]
     with open(tmp_path / "split.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "subject_id", "scan_id", "pet_path", "ct_path", "seg_path", "split"])
@@ -163,7 +167,7 @@ def test_nnunet_and_csv_layouts(tmp_path):
     assert summary.ok and summary.committed == ["PETCT_c_s1", "PETCT_c_s2"]
     recs = {r["id"]: r for r in store.read_manifest(out)}
     assert recs["PETCT_c_s1"]["cohort"] == "split" and recs["PETCT_c_s1"]["has_label"]
-    assert recs["PETCT_c_s1"]["sources"]["pet"] == str(tmp_path / "tmp" / "pA_0" / "SUV.nii.gz")
+    assert recs["PETCT_c_s1"]["sources"]["pet"] == str(tmp_path / "tmp" / "c1" / "SUV.nii.gz")
     assert not recs["PETCT_c_s2"]["has_label"]
     assert store_summary(out)["cohorts"]["split"]["patients"] == 1
 
@@ -174,14 +178,37 @@ def test_nnunet_and_csv_layouts(tmp_path):
     assert not summary.committed and len(summary.failures) == 3
     assert summary.failures[0]["id"] == "pA_0"
     assert "duplicate case id: already in the store from cohort 'Dataset002_Tiny'" in summary.failures[0]["error"]
+    # Prefixed, they are the same scans under new ids: refused as duplicates (a split
+    # could put one scan on both sides), unless the check is lowered to a warning.
     summary = preprocess(str(other), out, workers=1, progress=False, id_prefix="copy_")
+    assert not summary.committed and len(summary.failures) == 3
+    for f in summary.failures:
+        original = f["id"][len("copy_"):]
+        assert "[duplicate] PET has the same content" in f["error"], f
+        assert f"as case {original!r} (already in the store)" in f["error"], f
+        assert f["file"].endswith(f"{original}_0001.nii.gz")
+    levels = dict(checks.default_levels(), duplicate="warn")
+    summary = preprocess(str(other), out, workers=1, progress=False, id_prefix="copy_",
+                         plausibility=levels)
     assert summary.ok and sorted(summary.committed) == ["copy_pA_0", "copy_pA_1", "copy_pB_0"]
+    recs = {r["id"]: r for r in store.read_manifest(out)}
+    assert any(w.startswith("plausibility warning [duplicate]: PET has the same content")
+               and "'pA_1'" in w for w in recs["copy_pA_1"]["warnings"])
+
+
+def _shifted(n: int):
+    """A PET (and CT) grid moved by n x 0.1 mm: a scan whose files differ from the n-th
+    one's (identical files under two ids are refused as duplicates)."""
+    return ns.affine(center=(0.1 * n, 0.0, 0.0))
 
 
 def _bad_cohort(root: str) -> dict[str, tuple[str, str]]:
     """Good and bad studies; returns {case id: (error substring, offending file name)}."""
-    def study(name, **kw):
-        return ns.write_scan(os.path.join(root, "PETCT_z", name), **kw)
+    count = iter(range(1, 100))
+
+    def study(name, **kw):  # each its own scan: the default one is the first cohort's
+        return ns.write_scan(os.path.join(root, "PETCT_z", name), pet_affine=_shifted(next(count)),
+                             **kw)
 
     study("good")
     study("label2", seg_transform=lambda s: s * 2)  # binarized with a warning
@@ -203,6 +230,10 @@ def _bad_cohort(root: str) -> dict[str, tuple[str, str]]:
     study("seggrid", seg_transform=lambda s: s[:-2])
     study("dup 1")
     study("dup_1")
+    # The same scan twice: a symlinked folder (after the original in listing order) and a
+    # copy of the first cohort's scan under this patient.
+    os.symlink(os.path.join(root, "PETCT_z", "good"), os.path.join(root, "PETCT_z", "relink"))
+    ns.write_scan(os.path.join(root, "PETCT_z", "again"))
     return {
         "PETCT_z_nopet": ("missing PET", "nopet"),
         "PETCT_z_truncated": ("PET has unreadable voxel data", "truncated/SUV.nii.gz"),
@@ -215,6 +246,8 @@ def _bad_cohort(root: str) -> dict[str, tuple[str, str]]:
         "PETCT_z_fraclabel": ("fractional label values", "fraclabel/SEG.nii.gz"),
         "PETCT_z_seggrid": ("does not match the PET grid", "seggrid/SEG.nii.gz"),
         "PETCT_z_dup_1": ("duplicate case id", "SUV.nii.gz"),
+        "PETCT_z_relink": ("[duplicate] PET has the same content", "relink/SUV.nii.gz"),
+        "PETCT_z_again": ("[duplicate] PET has the same content", "again/SUV.nii.gz"),
     }
 
 
@@ -243,7 +276,9 @@ def test_bad_inputs_fail_alone_and_leave_the_store_intact(tmp_path, capsys):
         assert message in f["error"] and file_part in (f["file"] or ""), f
         line = f"{case_id}: {f['error']}"
         assert line in printed.out and "\n" not in f["error"]
-    assert "12 failed" in printed.out or "failed" in printed.out
+    assert "as case 'PETCT_z_good' (earlier in this run)" in by_id["PETCT_z_relink"][0]["error"]
+    assert "as case 'PETCT_g_s' (already in the store)" in by_id["PETCT_z_again"][0]["error"]
+    assert f"{len(expected) + 1} failed" in printed.out
     # The good ones of the bad cohort went in; the earlier cohort is untouched.
     ids = [r["id"] for r in store.read_manifest(out)]
     assert ids == ["PETCT_g_s", "PETCT_z_frame1", "PETCT_z_good", "PETCT_z_label2"]
@@ -317,8 +352,8 @@ def test_resume_after_killing_a_parallel_run(tmp_path, kill):
     raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
     shape = (72, 56, 88)
     for n in range(8):
-        ns.write_scan(os.path.join(raw, f"PETCT_{n}", "s"),
-                      pet_affine=ns.affine((1.5, 1.5, 1.5), "LPS", shape), pet_shape=shape)
+        ns.write_scan(os.path.join(raw, f"PETCT_{n}", "s"), pet_shape=shape,
+                      pet_affine=ns.affine((1.5, 1.5, 1.5), "LPS", shape, center=(0.1 * n, 0, 0)))
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "petct_jax.cli", "preprocess", "--input", raw,
                              "--out", out, "--workers", "2"], cwd=REPO, env=env,
@@ -353,7 +388,7 @@ def test_workers_of_a_parent_killed_while_they_start_exit_and_write_nothing(tmp_
     as their parent's and live on (they did, and wrote cases outside the store's lock)."""
     raw, out = str(tmp_path / "raw"), str(tmp_path / "store")
     for n in range(4):
-        ns.write_scan(os.path.join(raw, f"PETCT_{n}", "s"))
+        ns.write_scan(os.path.join(raw, f"PETCT_{n}", "s"), pet_affine=_shifted(n))
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "petct_jax.cli", "preprocess", "--input", raw,
                              "--out", out, "--workers", "2"], cwd=REPO, env=env,

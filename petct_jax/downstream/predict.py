@@ -3,6 +3,7 @@
     petct predict --checkpoint W --pet SUV.nii.gz --ct CT.nii.gz --out seg.nii.gz
                   [--probabilities prob.nii.gz] [--which best|latest|STEP] [--mirror]
                   [--batch-windows N] [--spacing Z,Y,X] [--overwrite]
+                  [--plausibility error|warn|off[,CHECK=LEVEL...]]
     petct predict --checkpoint W --input DIR --out OUTDIR [--layout auto|autopet|nnunet|csv]
                   [--probabilities PROBDIR] [--overwrite] ...
 
@@ -32,6 +33,16 @@ What happens to a scan, in the order training saw it:
    as uint8 (0 = background, 1 = lesion; class indices for multi-class heads) with the
    input PET's affine and header (qform/sform codes, orientation, array order); the
    optional probability map (float32, the lesion = not-background probability) likewise.
+
+Plausibility: before the network runs, each scan passes the checks of
+preprocessing/plausibility.py (`--plausibility`, the syntax of `petct preprocess`; default
+error): voxel sizes, PET vs CT value ranges (a swap or a PET given as CT), a CT without its
+offset or clipped, and `body_masks`: the PET and CT bodies on the harmonized grid must
+coincide (Dice >= plausibility.BODY_MIN_DICE), so a PET of one patient with the CT of
+another, or PET and CT swapped, is refused naming both files. A failing check is an error
+for the scan (the batch form reports it on one line and goes on); `warn` prints it and
+predicts. Without a CT (PET-only model) the CT checks and body_masks do not run: the PET
+stands in for the CT.
 
 Channels: the model uses only the channels it was trained on (`config.data.channels`).
 The CT is still needed for harmonization (the body crop, hence the z-score statistics,
@@ -69,6 +80,7 @@ import numpy as np
 from petct_jax.data.normalize import CHANNELS, CTForegroundStats, Normalizer, check_channels, make_normalizer
 from petct_jax.errors import PetctError
 from petct_jax.output_paths import refuse_existing, refuse_output_over_inputs, same_path, save_nifti
+from petct_jax.preprocessing import plausibility as checks
 from petct_jax.preprocessing.readers import NIFTI_ENDINGS
 
 
@@ -101,6 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", default=None,
                         help="store voxel size z,y,x in mm; only needed when the run's store is "
                              "unreachable and its config records none")
+    parser.add_argument("--plausibility", default="error",
+                        help="level of the plausibility checks on each scan, error|warn|off, with "
+                             "optional overrides CHECK=LEVEL (e.g. warn,body_masks=off); checks: "
+                             + ", ".join(checks.PREDICT_CHECKS) + " (default %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -216,6 +232,8 @@ class Predictor:
     mirror: bool = False
     overlap: float = 0.5
     description: str = "injected predict_fn"
+    plausibility: dict[str, str] = dataclasses.field(
+        default_factory=lambda: checks.default_levels(checks.PREDICT_CHECKS))
 
     @property
     def needs_ct(self) -> bool:
@@ -234,13 +252,37 @@ class Predictor:
                 raise PetctError(f"{case}: {role} file missing: {path}")
         # Without a CT the PET stands in for it: every SUV is above the -500 HU body
         # threshold, so the "body" is the whole PET field of view (no crop) and the rest
-        # of harmonization is unchanged. Only a PET-only model gets here.
-        spec = CaseSpec(id=case, patient_id=case, cohort="predict", pet=pet, ct=ct if ct is not None else pet)
-        arrays, record = harmonize(spec, self.spacing_zyx)
+        # of harmonization is unchanged. Only a PET-only model gets here; the CT checks
+        # would refuse the PET in the CT's place, so they do not run on it.
+        levels = {c: self.plausibility.get(c, "off") for c in checks.CHECKS}
         if ct is None:
+            levels.update(dict.fromkeys(checks.CT_CHECKS, "off"))
+        spec = CaseSpec(id=case, patient_id=case, cohort="predict", pet=pet, ct=ct if ct is not None else pet)
+        arrays, record = harmonize(spec, self.spacing_zyx, plausibility=levels)
+        if ct is None:
+            # voxel_size ran on the same file as PET and as its stand-in: one warning
+            record["warnings"] = list(dict.fromkeys(record["warnings"]))
             record["warnings"].append("no CT: no body crop; PET z-score statistics over the whole field of "
                                       "view (training used the CT body box)")
+        else:
+            self._check_bodies(arrays, record, pet, ct, case)
         return arrays, record
+
+    def _check_bodies(self, arrays: dict[str, np.ndarray], record: dict, pet: str, ct: str, case: str) -> None:
+        """body_masks on the harmonized grid, counted inside both source fields of view."""
+        from petct_jax.preprocessing.harmonize import open_image
+
+        if self.plausibility.get("body_masks", "off") == "off":
+            return
+        grid = np.asarray(record["affine_zyx"], dtype=np.float64)
+        views = []
+        for role, path in (("PET", pet), ("CT", ct)):
+            image = open_image(path, role, case)  # the header only
+            views.append((np.linalg.inv(image.affine) @ grid, image.shape))
+        findings = checks.body_masks(arrays["pet"], arrays["ct"], self.spacing_zyx, pet, ct,
+                                     self.plausibility, views)
+        checks.report(findings, self.plausibility, lambda problem: PetctError(f"{case}: {problem}"),
+                      record["warnings"])
 
     def image(self, arrays: dict[str, np.ndarray], record: dict) -> np.ndarray:
         """(Z, Y, X, C) float32 network input, normalized as the training data pipeline does."""
@@ -314,10 +356,12 @@ def run_channels(config: Any) -> tuple[str, ...]:
 
 
 def load_predictor(workdir: str, which: str | int = "best", *, spacing: str | Sequence[float] | None = None,
-                   batch_windows: int | None = None, mirror: bool | None = None) -> Predictor:
+                   batch_windows: int | None = None, mirror: bool | None = None,
+                   plausibility: dict[str, str] | None = None) -> Predictor:
     """Build the run's network, load one checkpoint's parameters, jit the predict function.
 
     `batch_windows`, `mirror`: None takes the run's `eval` settings (its test evaluation).
+    `plausibility`: the level of each check (plausibility.PREDICT_CHECKS; None: all errors).
     """
     from petct_jax.downstream.common import NUM_CLASSES
     from petct_jax.train.restore import checkpoint_step, read_run_config
@@ -347,6 +391,7 @@ def load_predictor(workdir: str, which: str | int = "best", *, spacing: str | Se
     return Predictor(make_predict_fn(model), channels, window, NUM_CLASSES, spacing_zyx, normalizer,
                      batch_windows=batch_windows, mirror=mirror,
                      overlap=float(_get(config, "eval.overlap", 0.5)),
+                     plausibility=plausibility or checks.default_levels(checks.PREDICT_CHECKS),
                      description=f"{workdir} step {step} ({_get(config, 'model.name')}, "
                                  f"{'+'.join(c.upper() for c in channels)}, window {list(window)})")
 
@@ -540,6 +585,7 @@ def run(args: argparse.Namespace) -> int:
         raise PetctError("give either --pet (and --ct) for one scan, or --input DIR for a folder of scans")
     if args.input is not None and args.ct is not None:
         raise PetctError("--ct belongs to the one-scan form (--pet); the batch form reads CTs from --input")
+    levels = checks.parse_levels(getattr(args, "plausibility", "error"), checks.PREDICT_CHECKS)
     if args.pet is not None:  # fail before loading anything
         from petct_jax.train.restore import read_run_config
         _check_nifti_name(args.out, "--out")
@@ -554,7 +600,7 @@ def run(args: argparse.Namespace) -> int:
             raise PetctError(f"the model in {args.checkpoint} was trained on "
                              f"{'+'.join(c.upper() for c in channels)} and needs --ct")
     predictor = load_predictor(args.checkpoint, args.which, spacing=args.spacing,
-                               batch_windows=args.batch_windows, mirror=args.mirror)
+                               batch_windows=args.batch_windows, mirror=args.mirror, plausibility=levels)
     print(f"petct predict: model {predictor.description}; store spacing {list(predictor.spacing_zyx)} mm",
           file=sys.stderr)
     if args.input is not None:
