@@ -168,8 +168,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_converted(model: Any, arch: str, kwargs: Mapping[str, Any] | None,
-                   directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write `model.json` ({"arch", "kwargs"}) and the parameters (Orbax, `params/`).
+                   directory: str | os.PathLike, *, overwrite: bool = False,
+                   extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `model.json` ({"arch", "kwargs"}, plus `extra`: where the weights came from) and
+    the parameters (Orbax, `params/`).
 
     `kwargs` are the constructor arguments that rebuild the network; None takes
     `model.config` (the CNNs have it). Runtime choices (dtype, remat) belong to the loader.
@@ -191,7 +193,8 @@ def save_converted(model: Any, arch: str, kwargs: Mapping[str, Any] | None,
         if not overwrite:
             raise PetctError(f"{directory}: already holds a converted model "
                              "(overwrite it explicitly)")
-    meta = {"format": CONVERTED_FORMAT, "arch": arch, "kwargs": _jsonable(dict(kwargs))}
+    meta = {**_jsonable(dict(extra or {})),
+            "format": CONVERTED_FORMAT, "arch": arch, "kwargs": _jsonable(dict(kwargs))}
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     rebuilt = nnx.eval_shape(lambda: registry.build(arch, rngs=nnx.Rngs(0), **meta["kwargs"]))
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731

@@ -318,6 +318,59 @@ def _name(value: Any) -> str:
     return getattr(value, "__name__", str(value)).rsplit(".", 1)[-1]
 
 
+# The torch classes nnU-Net's plans name (`pydoc.locate` strings, `_kw_requires_import`).
+TORCH_CLASSES = {
+    "plain_unet": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "resenc_unet": "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet",
+}
+_REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
+
+
+def arch_kwargs(model: Any) -> tuple[str, dict[str, Any], list[str]]:
+    """(network class, arch_kwargs, _kw_requires_import) of an nnU-Net v2 plans
+    "architecture" entry that rebuilds `model` in PyTorch (input channels and classes come
+    from dataset.json, deep supervision from the trainer, as nnU-Net does)."""
+    arch = _arch_of(model)
+    cfg = model.config
+    lists = lambda v: [list(t) if isinstance(t, tuple) else t for t in v]  # noqa: E731
+    kwargs: dict[str, Any] = {
+        "n_stages": cfg["n_stages"], "features_per_stage": list(cfg["features_per_stage"]),
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": lists(cfg["kernel_sizes"]), "strides": lists(cfg["strides"]),
+    }
+    if arch == "plain_unet":
+        kwargs["n_conv_per_stage"] = list(cfg["n_conv_per_stage"])
+    else:
+        kwargs["n_blocks_per_stage"] = list(cfg["n_blocks_per_stage"])
+    kwargs.update({
+        "n_conv_per_stage_decoder": list(cfg["n_conv_per_stage_decoder"]),
+        "conv_bias": cfg["conv_bias"],
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": cfg["norm_eps"], "affine": True},
+        "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"negative_slope": cfg["negative_slope"], "inplace": True},
+    })
+    requires = list(_REQUIRES_IMPORT)
+    if arch == "plain_unet":
+        kwargs["nonlin_first"] = cfg["nonlin_first"]
+    else:
+        kwargs["block"] = "dynamic_network_architectures.building_blocks.residual.BasicBlockD"
+        kwargs["stem_channels"] = cfg.get("stem_channels")
+        requires.append("block")
+    return TORCH_CLASSES[arch], kwargs, requires
+
+
+def arch_from_class(class_name: str) -> str:
+    """plain_unet / resenc_unet for an nnU-Net plans network class name."""
+    short = class_name.rsplit(".", 1)[-1]
+    for arch, target in TORCH_CLASSES.items():
+        if short == target.rsplit(".", 1)[-1]:
+            return arch
+    raise PetctError(f"network class {class_name!r} is not implemented here (only "
+                     f"{', '.join(t.rsplit('.', 1)[-1] for t in TORCH_CLASSES.values())})")
+
+
 def translate_torch_kwargs(kwargs: Mapping[str, Any], arch: str) -> dict[str, Any]:
     """Torch constructor arguments -> ours; torch-only arguments are checked and folded in."""
     out = dict(kwargs)

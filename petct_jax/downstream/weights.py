@@ -135,7 +135,14 @@ def _read_converted(path: str) -> Source:
     return Source(path=path, kind="converted", params=jax.device_get(pure_params(model)),
                   model_name=meta["arch"],
                   build=lambda rngs=None: registry.build(meta["arch"], rngs=rngs or nnx.Rngs(0), **kwargs),
-                  channels=_CHANNEL_NAMES.get(n_in))
+                  channels=_converted_channels(meta, n_in))
+
+
+def _converted_channels(meta: dict, n_in: int) -> tuple[str, ...] | None:
+    """The channel names a converted model records (an nnU-Net import's dataset.json), else
+    the usual ones for its channel count."""
+    named = (meta.get("nnunet") or {}).get("channels")
+    return tuple(named) if named else _CHANNEL_NAMES.get(n_in)
 
 
 def load_into(model: nnx.Module, source: Source, model_name: str, *, head: bool = False) -> dict:
