@@ -185,7 +185,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Cell]:
 
     Resolves configs only (no JAX, no store): the dry run and the tests call it freely.
     """
-    from petct_jax.config import apply_overrides, packaged_config, resolve
+    from petct_jax.config import apply_overrides, packaged_config, resolve, validate
 
     for key, allowed in (("mae.modalities", ("joint", "pet", "ct")),
                          ("finetune.inits", ("scratch", "mae")),
@@ -218,6 +218,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str) -> list[Cell]:
         cfg = resolve(f"{packaged_config(CONFIG_FILES[kind])}:{variant}", base)
         own = own(cfg) if callable(own) else own
         apply_overrides(cfg, own)
+        validate(cfg)  # the cell's own settings too, not only what resolve saw
         cells.append(Cell(name=name, kind=kind, backbone=backbone, variant=variant,
                           overrides=tuple(base) + tuple(own), key_overrides=tuple(own),
                           depends=tuple(f"{backbone}/{d}" for d in depends),

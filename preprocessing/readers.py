@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import re
 import sys
+import unicodedata
 from collections import Counter
 from typing import Iterable
 
@@ -67,16 +69,27 @@ class CaseSpec:
     error_file: str | None = None
 
 
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._-")
+
+
 def sanitize_id(text: str) -> str:
     """A file-name-safe id: runs of characters outside [A-Za-z0-9._-] become '_'.
 
     Leading dots and separators are dropped, so an id never names a hidden folder
-    (the store stages writes in `.<id>.partial`).
+    (the store stages writes in `.<id>.partial`). A name with characters outside ASCII
+    ('患者', 'ÄÖÜ_0001') keeps the ASCII forms Unicode has for its letters and gets a hash
+    of the whole name ('id_9db4a3b3', 'AOU_0001_5c1e...'), as does a name with nothing left
+    ('...'): every name has an id, the same for the same name and different for different
+    names, so such a folder neither stops its cohort nor collides with another ('患者_0001'
+    and '病人_0001' would both be '0001' otherwise).
     """
-    out = re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip()).strip("._-")
-    if not out:
-        raise PetctError(f"cannot make a case id from {text!r}")
-    return out
+    out = _safe(text)
+    if out and text.isascii():
+        return out
+    letters = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return f"{_safe(letters.encode('ascii', 'replace').decode()) or 'id'}_{digest}"
 
 
 def _nifti_files(folder: str) -> dict[str, str]:

@@ -40,9 +40,15 @@ TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 def read_state_dict(src: Any, *,
                     prefixes: tuple[str, ...] = WRAPPER_PREFIXES) -> dict[str, np.ndarray]:
     """A flat {key: float numpy array} state_dict from a path, checkpoint dict or state_dict."""
-    obj = load_file(src) if isinstance(src, str | os.PathLike) else src
-    state = strip_prefixes(unwrap(obj), prefixes)
-    return {key: to_numpy(value, key) for key, value in state.items()}
+    if not isinstance(src, str | os.PathLike):
+        state = strip_prefixes(unwrap(src), prefixes)
+        return {key: to_numpy(value, key) for key, value in state.items()}
+    obj = load_file(src)
+    try:
+        state = strip_prefixes(unwrap(obj), prefixes)
+        return {key: to_numpy(value, key) for key, value in state.items()}
+    except PetctError as e:  # what is wrong inside a file is reported with the file's name
+        raise PetctError(f"{src}: {e}") from None
 
 
 def load_file(path: str | os.PathLike) -> Any:
@@ -53,10 +59,16 @@ def load_file(path: str | os.PathLike) -> Any:
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.numpy import load_file as load_safetensors
-        return load_safetensors(str(path))
+        try:
+            return load_safetensors(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, or a dtype numpy lacks (bf16)
+            raise PetctError(f"{path}: not a readable .safetensors file ({_one_line(e)})") from None
     if suffix == ".npz":
-        with np.load(path) as data:
-            return dict(data)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return dict(data)
+        except Exception as e:  # noqa: BLE001 - BadZipFile, a pickled member, a damaged array
+            raise PetctError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
     if suffix in TORCH_SUFFIXES:
         try:
             import torch
@@ -66,9 +78,13 @@ def load_file(path: str | os.PathLike) -> Any:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # unpickling errors name the forbidden global
-            raise PetctError(f"{path}: torch.load(weights_only=True) failed: {e}") from e
+            raise PetctError(f"{path}: torch.load(weights_only=True) failed: {_one_line(e)}") from e
     raise PetctError(f"{path}: unknown weights format {suffix!r} "
                      f"(use .safetensors, .npz or {', '.join(TORCH_SUFFIXES)})")
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _is_array(value: Any) -> bool:

@@ -270,21 +270,46 @@ def infer_kwargs(state: Mapping[str, np.ndarray], arch: str) -> dict[str, Any]:
     if arch == "plain_unet":
         convs = _indexed(shapes, r"encoder\.stages\.(\d+)\.0\.convs\.(\d+)\.conv\.weight")
         what = "encoder.stages.<s>.0.convs.<c>.conv.weight"
+        key_of = "encoder.stages.{}.0.convs.{}.conv.weight"
+        block_of = r"encoder\.stages\.(\d+)\.0\.convs\.(\d+)"
     else:
         convs = _indexed(shapes, r"encoder\.stages\.(\d+)\.blocks\.(\d+)\.conv1\.conv\.weight")
         what = "encoder.stages.<s>.blocks.<b>.conv1.conv.weight"
+        key_of = "encoder.stages.{}.blocks.{}.conv1.conv.weight"
+        block_of = r"encoder\.stages\.(\d+)\.blocks\.(\d+)"
         if any(re.search(r"\.blocks\.\d+\.conv3\.", k) for k in shapes):
             raise PetctError("BottleneckD residual blocks are not implemented (only BasicBlockD)")
     if not convs:
         sample = ", ".join(list(state)[:5])
         raise PetctError(f"not a {arch} state_dict: no {what} keys (first keys: {sample})")
+
+    def require_grid(indexed, n: int, template: str, block: str) -> None:
+        # Every stage below n needs its convs/blocks 0..last, and every conv/block that has
+        # any weight (`block` matches its keys) needs this one: a weight deleted under all
+        # its aliases would otherwise end in a KeyError deep in the structure reading, or
+        # shorten the stage and blame the rest of the block as unexpected keys.
+        seen = set(_indexed(shapes, block + r"\..*"))
+        holes = []
+        for stage in sorted(set(range(n)) | {st for st, _ in seen}):
+            present = {i for st, i in indexed if st == stage}
+            wanted = present | {i for st, i in seen if st == stage}
+            holes += [template.format(stage, i) for i in range(max(wanted, default=0) + 1)
+                      if i not in present]
+        if holes:
+            raise PetctError(f"{arch} state_dict: " + _listing(
+                "missing key", "missing keys", holes) + " (nor under any alias)")
+
     n_stages = 1 + max(s for s, _ in convs)
+    require_grid(convs, n_stages, key_of, block_of)
     per_stage_count = _counts(convs, n_stages)
     transp = _indexed(shapes, r"decoder\.transpconvs\.(\d+)\.weight")
     if sorted(transp) != [(i,) for i in range(n_stages - 1)]:
         raise PetctError(f"{arch} state_dict: expected decoder.transpconvs.0 to "
                          f"{n_stages - 2} (.weight) for {n_stages} encoder stages")
     dec = _indexed(shapes, r"decoder\.stages\.(\d+)\.convs\.(\d+)\.conv\.weight")
+    if dec:
+        require_grid(dec, n_stages - 1, "decoder.stages.{}.convs.{}.conv.weight",
+                     r"decoder\.stages\.(\d+)\.convs\.(\d+)")
     seg = shapes.get("decoder.seg_layers.0.weight")
     if seg is None:
         raise PetctError(f"{arch} state_dict: no decoder.seg_layers.0.weight")
