@@ -64,6 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 2-channel reconstruction head has the shape of the 2-class segmentation head).
     c.init = "scratch" if "scratch" in tokens else ""
     c.init_head = paper
+    # weights trained on another harmonization preset than the store's are refused unless this
+    c.allow_preset_mismatch = False
     c.init_which = "best"  # checkpoint of an init run: "best" (validation loss), "latest", or a step
     c.seed = 0
     c.total_steps = 400 if tiny else 17_500

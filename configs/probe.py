@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.init = ""  # joint: an MAE run directory, a `petct convert` directory, or "scratch"
     c.init_pet = ""  # separated: the PET-only MAE run ...
     c.init_ct = ""  # ... and the CT-only one
+    c.allow_preset_mismatch = False  # backbones of another harmonization preset than the store's
     c.init_which = "best"  # checkpoint of the init runs: "best", "latest" or a step
     c.feature = "bottleneck" if "bottleneck" in tokens else "decoder"
     c.k = SHOTS[next((t for t in tokens if t in SHOTS), "k5")]

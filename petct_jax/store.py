@@ -103,9 +103,18 @@ def _read_text(root: str, name: str) -> str | None:
                 return f.read()
         except FileNotFoundError:
             return None
+        except UnicodeDecodeError:
+            raise PetctError(f"{os.path.join(root, name)}: not a text file (petct stores "
+                             "write UTF-8 JSON here)") from None
     kv = ts.KvStore.open(_kvstore(root)).result()
     got = kv.read(name).result()
-    return got.value.decode("utf-8") if got.state == "value" else None
+    if got.state != "value":
+        return None
+    try:
+        return got.value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PetctError(f"{_join(root, name)}: not a text file (petct stores write UTF-8 "
+                         "JSON here)") from None
 
 
 def _write_text(root: str, name: str, text: str) -> None:
@@ -201,6 +210,9 @@ def create(root: str, *, spacing_zyx: Sequence[float],
            harmonization: dict | None = None) -> dict:
     """Create the store (or check that an existing one has the same spacing and
     harmonization: how its cases were made, e.g. {"preset": "canonical"})."""
+    old = check_target(root, spacing_zyx=spacing_zyx, harmonization=harmonization)
+    if old is not None:
+        return old
     info = {
         "format_version": FORMAT_VERSION,
         "spacing_zyx": [float(s) for s in spacing_zyx],
@@ -211,21 +223,52 @@ def create(root: str, *, spacing_zyx: Sequence[float],
     }
     if not is_url(root):
         os.makedirs(root, exist_ok=True)
-    existing = _read_text(root, _INFO)
-    if existing is None:
-        _write_text(root, _INFO, json.dumps(info, indent=2) + "\n")
-        return info
+    _write_text(root, _INFO, json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def check_target(root: str, *, spacing_zyx: Sequence[float],
+                 harmonization: dict | None = None) -> dict | None:
+    """The store.json of the store at `root` if it can take cases of this spacing and
+    harmonization, None if `root` holds no store yet; PetctError, changing nothing, for a
+    folder that is not a petct store but holds one's file names, a damaged manifest, or a
+    store of another format, spacing or harmonization. Read-only, so a command can call it
+    before it writes anything (its lock file included)."""
+    harmonization = dict(harmonization or {})
+    if not is_url(root) and os.path.exists(root) and not os.path.isdir(root):
+        raise PetctError(f"{root}: is a file, not a store folder")
+    if _read_text(root, _INFO) is None:
+        # Without store.json, a manifest (or failures, or cases/) is someone else's file, or
+        # a store whose store.json was lost: writing a fresh store.json beside it would
+        # adopt records of unknown spacing and harmonization as ours.
+        foreign = [name for name in (_MANIFEST, _FAILURES) if _read_text(root, name) is not None]
+        if not is_url(root) and os.path.isdir(os.path.join(root, "cases")):
+            foreign.append("cases/")
+        if foreign:
+            raise PetctError(f"{_join(root, foreign[0])}: this folder holds {', '.join(foreign)} "
+                             f"but no {_INFO}, so it is not a petct store (or lost its {_INFO}); "
+                             "choose another --out")
+        return None
     old = read_info(root)
     if old.get("format_version") != FORMAT_VERSION:
         raise PetctError(f"{_join(root, _INFO)}: store format {old.get('format_version')} "
                          f"is not {FORMAT_VERSION}")
-    if not np.allclose(old["spacing_zyx"], info["spacing_zyx"]):
+    spacing = [float(v) for v in spacing_zyx]
+    if np.shape(old["spacing_zyx"]) != (3,) or not np.allclose(old["spacing_zyx"], spacing):
         raise PetctError(f"{_join(root, _INFO)}: store spacing {old['spacing_zyx']} differs "
-                         f"from requested {info['spacing_zyx']}; use a new store")
-    if old.get("harmonization", {}) != info["harmonization"]:
+                         f"from requested {spacing}; use a new store")
+    if store_preset(old) != store_preset({"harmonization": harmonization}) or (
+            {**old.get("harmonization", {}), "preset": None} != {**harmonization, "preset": None}):
         raise PetctError(f"{_join(root, _INFO)}: store harmonized with {old.get('harmonization', {})}, "
-                         f"this run asks for {info['harmonization']}; use a new store")
+                         f"this run asks for {harmonization}; use a new store")
+    read_manifest(root)  # a foreign or damaged manifest is refused before the first append
     return old
+
+
+def store_preset(info: dict) -> str:
+    """The harmonization preset of a store (its store.json); stores made before presets
+    existed are canonical."""
+    return (info.get("harmonization") or {}).get("preset", "canonical")
 
 
 def _array_spec(root: str, case_id: str, name: str) -> dict:

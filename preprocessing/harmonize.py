@@ -61,6 +61,8 @@ noted:
     lesion_count, lesion_volume_ml
     lesion_count_source        components of the label on its own grid (a drop in
                                lesion_count flags lesions lost to resampling/cropping)
+    preset                     "canonical" or "reference" (PRESETS: the grid, axis order
+                               and interpolation it was made with)
     warnings                   list of strings (binarized labels, Bq/mL-looking PET,
                                "plausibility warning [CHECK]: ..." from plausibility.py)
     preprocessing_version      PREPROCESSING_VERSION
@@ -99,6 +101,14 @@ GRID_TOLERANCE_VOXELS = 0.1
 MAX_TARGET_AXIS = 4096  # a bigger grid means a broken affine (e.g. metres, not mm)
 OBLIQUE_TOLERANCE_VOXELS = 1e-3
 DEFAULT_MAX_VOXELS = 1_500_000_000  # per image, before reading it (`--max-voxels`)
+# "canonical": the physically exact harmonization this module describes (the default).
+# "reference": the authors' executed code (liu-xiaofeng/MAE-for-PET-CT, autopetproc and the
+# fine-tuning transform): the PET file's voxel sizes rounded to whole millimetres, the
+# arrays in SimpleITK's order (k, j, i) with no reorientation, `scipy.ndimage.zoom` (order 1
+# for PET, the CT resized to the zoomed PET's shape with order 1, the label with order 0),
+# then the same body crop. Its grid is the zoomed array's; `affine_zyx` records where those
+# voxels really lie, `spacing_zyx` the nominal target (the reference's own convention).
+PRESETS = ("canonical", "reference")
 GZIP_MAX_RATIO = 1100  # deflate's best ratio is about 1032:1; a bigger claim is no real data
 
 
@@ -550,9 +560,35 @@ def _py(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
+def _reference_zoom(image: Image, raw: np.ndarray, factors: Sequence[float], order: int) -> np.ndarray:
+    """The reference's resampling of one image: SimpleITK's array order (k, j, i) of the
+    stored voxels, scaled to float32, `scipy.ndimage.zoom` by `factors`."""
+    values = raw.transpose(2, 1, 0).astype(np.float32)
+    if (image.slope, image.inter) != (1.0, 0.0):
+        values = values * np.float32(image.slope) + np.float32(image.inter)
+    return ndi.zoom(values, factors, order=order)
+
+
+def _reference_grid(pet: Image, spacing_zyx: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(zoom factors, (a, b, c, 1) index -> world affine) of the reference's PET grid: the
+    file's voxel sizes rounded to whole millimetres, the array axes taken as (z, y, x)."""
+    zooms = np.asarray(nib.load(pet.path).header.get_zooms()[:3], dtype=np.float64)  # ITK's spacing
+    rounded = np.round(zooms)
+    if np.any(rounded == 0):
+        raise pet.fail(f"voxel size {zooms.tolist()} mm rounds to 0 mm: the reference preset "
+                       "cannot resample it")
+    factors = rounded[::-1] / np.asarray(spacing_zyx, dtype=np.float64)
+    n_in = np.array(pet.shape[::-1], dtype=np.float64)
+    n_out = np.array([int(round(n * f)) for n, f in zip(n_in, factors)], dtype=np.float64)
+    # zoom's grid_mode=False maps output index o to input index o * (n_in - 1) / (n_out - 1)
+    step = np.where(n_out > 1, (n_in - 1) / np.maximum(n_out - 1, 1), 0.0)
+    affine = pet.affine[:, [2, 1, 0, 3]] @ np.diag([*step, 1.0])
+    return factors, affine
+
+
 def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX, *,
-              max_voxels: int = DEFAULT_MAX_VOXELS, plausibility: dict[str, str] | None = None
-              ) -> tuple[dict[str, np.ndarray], dict]:
+              max_voxels: int = DEFAULT_MAX_VOXELS, plausibility: dict[str, str] | None = None,
+              preset: str = "canonical") -> tuple[dict[str, np.ndarray], dict]:
     """Harmonize one case: (arrays {"pet", "ct"[, "seg"]}, manifest record without `bytes`).
 
     Raises CaseError (a PetctError) naming the case and the file for every bad input.
@@ -561,7 +597,10 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
     each check in preprocessing/plausibility.py; None runs none of them. `petct preprocess`
     and `petct predict` always pass their --plausibility levels (all errors by default;
     predict turns the CT checks off when the PET stands in for a missing CT).
+    `preset` is PRESETS' "canonical" (the module doc) or "reference" (the authors' code).
     """
+    if preset not in PRESETS:
+        raise PetctError(f"preset {preset!r}: expected one of {', '.join(PRESETS)}")
     if spec.error:
         raise CaseError(spec.id, spec.error, spec.error_file)
     warnings = list(spec.warnings)
@@ -581,12 +620,21 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
         raise ct.fail("does not overlap the PET in world space (check the affines)")
     if coverage < 0.5:
         warnings.append(f"CT covers only {coverage:.0%} of the PET field of view")
-    grid_affine, grid_shape = target_grid(pet, spacing_zyx)
+    if preset == "reference":
+        if not same_grid(pet, ct):
+            raise ct.fail("is not on the PET grid: the reference preset resizes the CT array to "
+                          "the PET's, which needs the CT resampled to the PET (AutoPET's CTres)")
+        factors, grid_affine = _reference_grid(pet, spacing_zyx)
+    else:
+        grid_affine, grid_shape = target_grid(pet, spacing_zyx)
 
     # CT on the whole target grid (the body crop needs it), then crop.
     raw = ct.read()
     checks.report(checks.ct_values(ct, raw, levels), levels, ct.fail, warnings)
-    ct_full = resample(ct, raw, grid_affine, grid_shape, order=1, fill=CT_FILL_HU)
+    if preset == "reference":
+        ct_full = _reference_zoom(ct, raw, factors, order=1)
+    else:
+        ct_full = resample(ct, raw, grid_affine, grid_shape, order=1, fill=CT_FILL_HU)
     del raw
     found = body_box(ct_full)
     if found is None:
@@ -603,7 +651,10 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
 
     raw = pet.read()
     checks.report(checks.pet_values(pet, raw, levels), levels, pet.fail, warnings)
-    pet32 = resample(pet, raw, affine, shape, order=1, fill=PET_FILL)
+    if preset == "reference":
+        pet32 = _reference_zoom(pet, raw, factors, order=1)[box]
+    else:
+        pet32 = resample(pet, raw, affine, shape, order=1, fill=PET_FILL)
     del raw
     pet_max = float(pet32.max())
     if pet_max > FLOAT16_MAX or float(pet32.min()) < -FLOAT16_MAX:
@@ -619,7 +670,10 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
     if seg is not None:
         mask = _label_mask(seg, seg.read(), warnings)
         lesions_source = _source_components(mask)
-        seg8 = resample(seg, mask.view(np.uint8), affine, shape, order=0, fill=0, dtype=np.uint8)
+        if preset == "reference":
+            seg8 = ndi.zoom(mask.view(np.uint8).transpose(2, 1, 0), factors, order=0)[box]
+        else:
+            seg8 = resample(seg, mask.view(np.uint8), affine, shape, order=0, fill=0, dtype=np.uint8)
         del mask
         arrays["seg"] = seg8
         lesions = lesion_index(seg8)
@@ -660,6 +714,7 @@ def harmonize(spec: CaseSpec, spacing_zyx: Sequence[float] = DEFAULT_SPACING_ZYX
         "lesion_count_source": lesions_source,
         "lesion_volume_ml": sum(les["voxels"] for les in lesions) * voxel_ml,
         "warnings": warnings,
+        "preset": preset,
         "preprocessing_version": PREPROCESSING_VERSION,
     }
     return arrays, _jsonable(record)

@@ -41,8 +41,8 @@ from petct_jax.errors import PetctError
 from petct_jax.folder_lock import folder_lock
 from petct_jax.parent_watch import exit_with_parent, orphaned
 from petct_jax.preprocessing import plausibility as checks
-from petct_jax.preprocessing.harmonize import (DEFAULT_MAX_VOXELS, DEFAULT_SPACING_ZYX, CaseError,
-                                               harmonize, sha256)
+from petct_jax.preprocessing.harmonize import (DEFAULT_MAX_VOXELS, DEFAULT_SPACING_ZYX, PRESETS,
+                                               CaseError, harmonize, sha256)
 from petct_jax.preprocessing.readers import LAYOUTS, CaseSpec, list_cases
 
 
@@ -54,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input layout (default: detected)")
     parser.add_argument("--spacing", default=",".join(f"{s:g}" for s in DEFAULT_SPACING_ZYX),
                         help="target voxel size z,y,x in mm (default %(default)s)")
+    parser.add_argument("--preset", default="canonical", choices=PRESETS,
+                        help="harmonization: canonical (through the affines, physically exact; "
+                             "default) or reference (the authors' code: rounded voxel sizes, their "
+                             "array order and zoom; for their released weights); recorded in "
+                             "store.json, one preset per store")
     parser.add_argument("--workers", type=int, default=None,
                         help="parallel processes (default: CPU count, at most 8; each needs "
                              "about 1 GB for a whole-body scan with a 512x512 CT)")
@@ -111,7 +116,7 @@ class Summary:
 
 def process_case(spec: CaseSpec, root: str, spacing_zyx: Sequence[float],
                  chunk_zyx: Sequence[int], max_voxels: int,
-                 plausibility: dict[str, str]) -> tuple[str, dict]:
+                 plausibility: dict[str, str], preset: str = "canonical") -> tuple[str, dict]:
     """Harmonize and write one case (runs in a worker): ("ok", record) or ("failed", failure).
 
     Failures come back as plain dicts: an exception would have to survive pickling.
@@ -119,7 +124,7 @@ def process_case(spec: CaseSpec, root: str, spacing_zyx: Sequence[float],
     start = time.perf_counter()
     try:
         arrays, record = harmonize(spec, spacing_zyx, max_voxels=max_voxels,
-                                   plausibility=plausibility)
+                                   plausibility=plausibility, preset=preset)
         if orphaned():  # the run is over: another may hold the store's lock by now
             os._exit(1)
         record["bytes"] = store.write_case(root, spec.id, arrays, chunk_zyx)
@@ -150,19 +155,26 @@ def preprocess(input_path: str, root: str, *, layout: str = "auto",
                cohort: str | None = None, overwrite: bool = False,
                patient_regex: str | None = None, id_prefix: str = "",
                max_voxels: int = DEFAULT_MAX_VOXELS, plausibility: dict[str, str] | None = None,
-               progress: bool = True) -> Summary:
+               preset: str = "canonical", progress: bool = True) -> Summary:
     """Harmonize every case of one raw cohort into the store at `root` (one run at a time
     per store: a second is refused while the first runs). `plausibility`: the level of
     each check (plausibility.parse_levels; None: all errors)."""
+    if preset not in PRESETS:
+        raise PetctError(f"--preset {preset!r}: expected one of {', '.join(PRESETS)}")
     specs = list_cases(input_path, layout, cohort, patient_regex, id_prefix)
     levels = plausibility or checks.default_levels()
+    # Refuse a folder that is not a store of this kind before the lock file goes into it;
+    # store.create checks again under the lock.
+    store.check_target(root, spacing_zyx=spacing_zyx, harmonization={"preset": preset})
     with folder_lock(root, "petct preprocess"):
-        return _preprocess(specs, root, spacing_zyx, workers, overwrite, progress, max_voxels, levels)
+        return _preprocess(specs, root, spacing_zyx, workers, overwrite, progress, max_voxels, levels,
+                           preset)
 
 
 def _preprocess(specs: list[CaseSpec], root: str, spacing_zyx: Sequence[float], workers: int | None,
-                overwrite: bool, progress: bool, max_voxels: int, levels: dict[str, str]) -> Summary:
-    info = store.create(root, spacing_zyx=spacing_zyx)
+                overwrite: bool, progress: bool, max_voxels: int, levels: dict[str, str],
+                preset: str) -> Summary:
+    info = store.create(root, spacing_zyx=spacing_zyx, harmonization={"preset": preset})
     committed_before = {r["id"]: r for r in store.read_manifest(root)}
 
     summary = Summary(committed=[], skipped=[], failures=[])
@@ -186,7 +198,7 @@ def _preprocess(specs: list[CaseSpec], root: str, spacing_zyx: Sequence[float], 
     bar = tqdm(total=len(todo), unit="scan", desc=specs[0].cohort, disable=not progress,
                file=sys.stderr, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs get a line per 30 s
-    args = (root, tuple(spacing_zyx), tuple(info["chunk_zyx"]), max_voxels, dict(levels))
+    args = (root, tuple(spacing_zyx), tuple(info["chunk_zyx"]), max_voxels, dict(levels), preset)
     workers = max(1, min(workers or min(os.cpu_count() or 1, 8), len(todo) or 1))
     try:
         if workers == 1:
@@ -282,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, cohort=args.cohort, overwrite=args.overwrite,
         patient_regex=args.patient_regex, id_prefix=args.id_prefix,
         max_voxels=parse_max_voxels(args.max_voxels),
-        plausibility=checks.parse_levels(args.plausibility))
+        plausibility=checks.parse_levels(args.plausibility), preset=args.preset)
     print(f"petct preprocess: {len(summary.committed)} committed, {len(summary.skipped)} already "
           f"in the store, {len(summary.failures)} failed -> {args.out}")
     if summary.failures:

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 from flax import nnx
@@ -165,17 +166,47 @@ def reference_checkpoint(tmp_path_factory):
     return out, head
 
 
+@pytest.fixture(scope="module")
+def reference_store(phantom_store, tmp_path_factory):
+    """The phantom cohort of `phantom_store` preprocessed with `--preset reference`."""
+    from petct_jax.cli import main
+
+    raw = os.path.join(os.path.dirname(phantom_store), "raw")
+    store = str(tmp_path_factory.mktemp("reference_store") / "store")
+    assert main(["preprocess", "--input", raw, "--out", store, "--preset", "reference",
+                 "--workers", "1"]) == 0
+    assert Store(store).info["harmonization"] == {"preset": "reference"}
+    # one preset per store: appending canonical cases is refused before anything is written
+    assert main(["preprocess", "--input", raw, "--out", store, "--workers", "1"]) == 2
+    return store
+
+
+def test_released_weights_refuse_a_canonical_store(phantom_store, reference_checkpoint, tmp_path, capsys):
+    converted, _ = reference_checkpoint
+    assert json.load(open(os.path.join(converted, "model.json")))["preset"] == "reference"
+    config = resolve(f"{FINETUNE}:tiny,paper", [
+        f"store={phantom_store}", f"init={converted}", *TINY_DATA, *TINY_UNET])
+    with pytest.raises(PetctError, match=r"preset 'reference'.*holds 'canonical' data.*--preset reference") as e:
+        make_task(config, str(tmp_path / "refused"))
+    assert "\n" not in str(e.value)
+    config.allow_preset_mismatch = True  # told otherwise: loads, and says so
+    make_task(config, str(tmp_path / "allowed"))
+    assert "allowed by allow_preset_mismatch" in capsys.readouterr().err
+
+
 def test_reference_checkpoint_fine_tunes_with_its_head_under_paper(
-        phantom_store, reference_split, reference_checkpoint, tmp_path):
+        reference_store, reference_split, reference_checkpoint, tmp_path):
+    """The README's walk-through for the released weights: convert (the fixture), preprocess
+    with the reference preset, fine-tune under :paper, predict with the run's preset."""
     converted, torch_head = reference_checkpoint
     path, split_of = reference_split
     workdir = str(tmp_path / "ft")
     config = resolve(f"{FINETUNE}:tiny,paper", [
-        f"store={phantom_store}", f"data.split={path}", f"init={converted}", "epochs=2",
+        f"store={reference_store}", f"data.split={path}", f"init={converted}", "epochs=2",
         *TINY_DATA, *TINY_UNET, "eval.batch_windows=32", "preview_every=1000"])
     # Before training: every parameter, the head included, is the checkpoint's.
     probe_cfg = resolve(f"{FINETUNE}:tiny,paper", [
-        f"store={phantom_store}", f"data.split={path}", f"init={converted}", *TINY_DATA, *TINY_UNET])
+        f"store={reference_store}", f"data.split={path}", f"init={converted}", *TINY_DATA, *TINY_UNET])
     task, used = make_task(probe_cfg, str(tmp_path / "probe"))
     ours = weights.flatten(weights.pure_params(task.model))
     theirs = weights.flatten(weights.read_source(converted).params)
@@ -199,6 +230,19 @@ def test_reference_checkpoint_fine_tunes_with_its_head_under_paper(
     assert test["checkpoint_rule"] == test_eval.RULE_FINAL and test["checkpoint_step"] == 4
     assert test["settings"]["window_weights"] == "constant"
     assert json.load(open(os.path.join(workdir, "test", "summary.json")))["checkpoint_rule"] == test_eval.RULE_FINAL
+    # The run records its data's preset; predict harmonizes new scans with it.
+    from petct_jax.downstream import predict as pr
+
+    run_config = json.load(open(os.path.join(workdir, "config.json")))
+    assert run_config["data"]["preset"] == "reference"
+    predictor = pr.load_predictor(workdir, batch_windows=2)
+    assert predictor.preset == "reference"
+    case = Store(reference_store).record(sorted(split_of)[0])
+    result = predictor.predict(case["sources"]["pet"], case["sources"]["ct"], case=case["id"])
+    # the scan is harmonized exactly as the store's copy of it was
+    assert result.record["preset"] == "reference" and result.record["shape_zyx"] == case["shape_zyx"]
+    assert result.record["affine_zyx"] == case["affine_zyx"]
+    assert result.mask.shape == nib.load(case["sources"]["pet"]).shape
 
 
 def test_init_head_fails_in_one_line_when_shapes_differ(phantom_store, tmp_path):

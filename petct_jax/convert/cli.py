@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t2j.add_argument("--kwargs-json", default="{}",
                      help="constructor arguments, torch names (JSON object); by default read "
                           "off the weights where possible")
+    t2j.add_argument("--preset", default="reference", choices=("reference", "canonical"),
+                     help="harmonization preset of the data the weights were trained on, recorded "
+                          "in model.json (default reference: the authors' released weights saw "
+                          "their preprocessing; fine-tuning refuses a store of the other preset)")
     t2j.add_argument("--overwrite", action="store_true", help="replace an existing conversion")
     j2t = sub.add_parser("jax2torch", help="JAX model (converted directory) -> PyTorch weights")
     j2t.add_argument("--in", dest="src", required=True, help="converted model directory")
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         # the network's own record of its arguments, else what was given (checked on save)
         config = getattr(model, "config", None)
         out = convert.save_converted(model, args.arch, kwargs if config is None else config,
-                                     args.out, overwrite=args.overwrite)
+                                     args.out, overwrite=args.overwrite, extra={"preset": args.preset})
         print(f"{args.arch}: {_n_params(model):,} parameters from {args.src} -> {out}")
         return 0
 
@@ -119,8 +123,9 @@ def _run_nnunet(args: argparse.Namespace) -> int:
 
         model, info = nf.read_nnunet(args.src, fold=args.fold, checkpoint=args.checkpoint,
                                      configuration=args.configuration)
+        extra = {"nnunet": info, **({"preset": info["preset"]} if "preset" in info else {})}
         out = convert.save_converted(model, info["arch"], model.config, args.out,
-                                     overwrite=args.overwrite, extra={"nnunet": info})
+                                     overwrite=args.overwrite, extra=extra)
         print(f"{info['arch']}: {_n_params(model):,} parameters from {args.src} -> {out}")
         return 0
     failures: list[str]

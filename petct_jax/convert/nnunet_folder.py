@@ -185,6 +185,7 @@ def export_run(run: str, out: str, *, which: str | int = "best", overwrite: bool
         patch = [int(p) for p in config.data.patch]
         petct = {"source_run": os.path.abspath(run), "step": source.step, "channels": list(channels),
                  "spacing_zyx": list(spacing), "normalization": normalizer.scheme,
+                 "preset": pr.run_preset(config),
                  "ct_stats": None if normalizer.ct is None else
                  {k: getattr(normalizer.ct, k) for k in ("lo", "hi", "mean", "std", "source")},
                  "overlap": float(pr._get(config, "eval.overlap", 0.5)),
@@ -318,6 +319,8 @@ def read_nnunet(path: str, *, fold: str = "all", checkpoint: str = CHECKPOINT,
                 "normalization_schemes": conf.get("normalization_schemes"),
                 "channel_names": dataset.get("channel_names"), "labels": labels,
                 "checkpoint": ckpt_path}
+        if (plans.get("petct_jax") or {}).get("preset"):  # exported from here: its data's preset
+            info["preset"] = plans["petct_jax"]["preset"]
     else:
         ckpt = _load_checkpoint(path)
         plan = (ckpt.get("adaptation_plan") or {}).get("architecture_plans")
@@ -395,7 +398,8 @@ def _predictor(settings: dict) -> Any:
     normalizer = Normalizer(settings.get("normalization", "zscore"),
                             CTForegroundStats(**stats) if stats else None)
     return Predictor(None, tuple(settings["channels"]), tuple(settings["patch_size"]), 2,
-                     tuple(settings["spacing_zyx"]), normalizer)
+                     tuple(settings["spacing_zyx"]), normalizer,
+                     preset=settings.get("preset", "canonical"))
 
 
 def _xyz_affine(affine_zyx: Any) -> np.ndarray:

@@ -38,7 +38,7 @@ from petct_jax.data import splits
 from petct_jax.downstream import common, weights
 from petct_jax.downstream.common import NUM_CLASSES
 from petct_jax.errors import PetctError
-from petct_jax.store import Store
+from petct_jax.store import Store, store_preset
 from petct_jax.train import loop
 from petct_jax.train.backbone import build_backbone
 
@@ -84,8 +84,9 @@ def build_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Module
     return build_backbone(model_cfg, len(config.data.channels), NUM_CLASSES, rngs)
 
 
-def initialise(model: nnx.Module, config: ml_collections.ConfigDict) -> dict:
-    """Load `config.init` into `model` (all but the head, unless `config.init_head`); the report."""
+def initialise(model: nnx.Module, config: ml_collections.ConfigDict, data_preset: str) -> dict:
+    """Load `config.init` into `model` (all but the head, unless `config.init_head`); the report.
+    `data_preset`: the store's harmonization preset (weights of another are refused)."""
     if not config.init:
         raise PetctError("--config.init is not set: an MAE run directory, a `petct convert` "
                          "output directory, or 'scratch'")
@@ -97,6 +98,8 @@ def initialise(model: nnx.Module, config: ml_collections.ConfigDict) -> dict:
     if source.channels is not None and tuple(source.channels) != tuple(config.data.channels):
         raise PetctError(f"{config.init}: pretrained on channels {tuple(source.channels)}, this run "
                          f"uses data.channels={tuple(config.data.channels)}")
+    weights.check_preset(source, data_preset, bool(config.get("allow_preset_mismatch", False)),
+                         str(config.store))
     return weights.load_into(model, source, config.model.name, head=bool(config.get("init_head", False)))
 
 
@@ -139,7 +142,7 @@ def make_task(config: ml_collections.ConfigDict, workdir: str) -> tuple[loop.Tas
         with open(init_path, encoding="utf-8") as f:  # the checkpoint holds the weights
             init = json.load(f)
     else:
-        init = initialise(model, config)
+        init = initialise(model, config, store_preset(store.info))
         if jax.process_index() == 0:
             with open(init_path, "w", encoding="utf-8") as f:
                 json.dump(init, f, indent=2)

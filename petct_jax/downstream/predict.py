@@ -13,7 +13,8 @@ What happens to a scan, in the order training saw it:
    (`petct_jax.preprocessing.harmonize.harmonize`): headers checked, CT and PET resampled through
    their affines onto the store's axis-aligned (z, y, x) grid over the PET field of view,
    body crop from the CT, per-scan statistics of the stored dtypes (PET float16 SUV,
-   CT int16 HU). The voxel size is the run's store spacing, found in this order:
+   CT int16 HU), with the harmonization preset the run's store was made with
+   (`config.data.preset`: canonical, or reference for the authors' procedure). The voxel size is the run's store spacing, found in this order:
    `STORE/store.json` of the run's `config.store`; `config.data.spacing_zyx` when the store
    is unreachable (fine-tuning records it there); `--spacing`. A `--spacing` that
    contradicts a known spacing is an error.
@@ -234,6 +235,7 @@ class Predictor:
     description: str = "injected predict_fn"
     plausibility: dict[str, str] = dataclasses.field(
         default_factory=lambda: checks.default_levels(checks.PREDICT_CHECKS))
+    preset: str = "canonical"  # harmonization preset of the training data (config.data.preset)
 
     @property
     def needs_ct(self) -> bool:
@@ -258,7 +260,7 @@ class Predictor:
         if ct is None:
             levels.update(dict.fromkeys(checks.CT_CHECKS, "off"))
         spec = CaseSpec(id=case, patient_id=case, cohort="predict", pet=pet, ct=ct if ct is not None else pet)
-        arrays, record = harmonize(spec, self.spacing_zyx, plausibility=levels)
+        arrays, record = harmonize(spec, self.spacing_zyx, plausibility=levels, preset=self.preset)
         if ct is None:
             # voxel_size ran on the same file as PET and as its stand-in: one warning
             record["warnings"] = list(dict.fromkeys(record["warnings"]))
@@ -350,6 +352,12 @@ def _parse_which(which: str | int) -> str | int:
         raise PetctError(f"--which {which!r}: expected best, latest or a step number") from None
 
 
+def run_preset(config: Any) -> str:
+    """The harmonization preset of the run's training data (runs from before presets were
+    recorded were canonical)."""
+    return str(_get(config, "data.preset", "canonical"))
+
+
 def run_channels(config: Any) -> tuple[str, ...]:
     """The input channels the run was trained on, in network order."""
     return check_channels(tuple(_get(config, "data.channels", CHANNELS)))
@@ -392,6 +400,7 @@ def load_predictor(workdir: str, which: str | int = "best", *, spacing: str | Se
                      batch_windows=batch_windows, mirror=mirror,
                      overlap=float(_get(config, "eval.overlap", 0.5)),
                      plausibility=plausibility or checks.default_levels(checks.PREDICT_CHECKS),
+                     preset=run_preset(config),
                      description=f"{workdir} step {step} ({_get(config, 'model.name')}, "
                                  f"{'+'.join(c.upper() for c in channels)}, window {list(window)})")
 

@@ -46,7 +46,7 @@ from petct_jax.data import splits
 from petct_jax.downstream import common, weights
 from petct_jax.downstream.common import NUM_CLASSES
 from petct_jax.errors import PetctError
-from petct_jax.store import Store
+from petct_jax.store import Store, read_info, store_preset
 from petct_jax.train import loop
 from petct_jax.train.backbone import build_backbone
 
@@ -144,6 +144,8 @@ def load_backbones(config: ml_collections.ConfigDict) -> tuple[list, list, list,
             channels, report = wanted, {"source": "scratch", "kind": "random (frozen)"}
         else:
             model, source = weights.load_backbone(path, config.init_which)
+            weights.check_preset(source, store_preset(read_info(str(config.store))),
+                                 bool(config.get("allow_preset_mismatch", False)), str(config.store))
             channels = tuple(source.channels) if source.channels is not None else wanted
             if tuple(channels) != tuple(wanted):
                 raise PetctError(f"{path}: pretrained on channels {tuple(channels)}, expected "

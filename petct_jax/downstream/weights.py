@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from typing import Any
 
 import jax
@@ -50,6 +51,7 @@ class Source:
     build: Any  # () -> nnx.Module: the source's own network (fresh weights)
     channels: tuple[str, ...] | None  # input channel names, when the source says
     step: int | None = None
+    preset: str | None = None  # harmonization preset of the data it was trained on, if known
 
 
 def flatten(tree: dict) -> dict[tuple, Any]:
@@ -121,7 +123,9 @@ def _read_run(path: str, which: str | int) -> Source:
     model_cfg = ml_collections.ConfigDict(cfg.model.to_dict())
     return Source(path=path, kind=task, params=params, model_name=cfg.model.name,
                   build=lambda rngs=None: build_backbone(model_cfg, n, out, rngs or nnx.Rngs(0)),
-                  channels=channels, step=step)
+                  channels=channels, step=step,
+                  # runs from before presets were recorded were all canonical
+                  preset=str(cfg.data.get("preset", "canonical")))
 
 
 def _read_converted(path: str) -> Source:
@@ -135,7 +139,7 @@ def _read_converted(path: str) -> Source:
     return Source(path=path, kind="converted", params=jax.device_get(pure_params(model)),
                   model_name=meta["arch"],
                   build=lambda rngs=None: registry.build(meta["arch"], rngs=rngs or nnx.Rngs(0), **kwargs),
-                  channels=_converted_channels(meta, n_in))
+                  channels=_converted_channels(meta, n_in), preset=meta.get("preset"))
 
 
 def _converted_channels(meta: dict, n_in: int) -> tuple[str, ...] | None:
@@ -143,6 +147,19 @@ def _converted_channels(meta: dict, n_in: int) -> tuple[str, ...] | None:
     the usual ones for its channel count."""
     named = (meta.get("nnunet") or {}).get("channels")
     return tuple(named) if named else _CHANNEL_NAMES.get(n_in)
+
+
+def check_preset(source: Source, data_preset: str, allow_mismatch: bool, store: str) -> None:
+    """Weights meet data harmonized as theirs was (the store's preset), unless allowed."""
+    if source.preset is None or source.preset == data_preset:
+        return
+    if allow_mismatch:
+        print(f"petct: {source.path} was trained on {source.preset!r} data, the store is "
+              f"{data_preset!r} (allowed by allow_preset_mismatch)", file=sys.stderr)
+        return
+    raise PetctError(f"{source.path}: trained on data harmonized with preset {source.preset!r}, the store "
+                     f"{store} holds {data_preset!r} data; preprocess with --preset "
+                     f"{source.preset}, or pass --config.allow_preset_mismatch=True")
 
 
 def load_into(model: nnx.Module, source: Source, model_name: str, *, head: bool = False) -> dict:

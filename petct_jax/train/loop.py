@@ -64,8 +64,27 @@ class NonFiniteLoss(PetctError):
     pass
 
 
+def record_store_harmonization(config: ml_collections.ConfigDict) -> None:
+    """Copy the store's harmonization (preset, voxel size) into `config.data`, so that the
+    run's config.json says how its data was made even where the store is gone (prediction
+    harmonizes new scans the same way; fine-tuning refuses weights of another preset)."""
+    from petct_jax.store import read_info, store_preset
+
+    if not config.get("store") or "data" not in config:
+        return
+    try:
+        info = read_info(str(config.store))
+    except (PetctError, OSError, ValueError):  # unreachable here: the data loader will say so
+        return
+    with config.unlocked():
+        config.data.preset = store_preset(info)
+        config.data.spacing_zyx = tuple(float(v) for v in info["spacing_zyx"])
+
+
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """Write the resolved config; refuse to resume a workdir made with another task."""
+    """Write the resolved config (with the store's harmonization); refuse to resume a
+    workdir made with another task."""
+    record_store_harmonization(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)  # a local path or a URL (gs://...)
     path = epath.Path(workdir) / "config.json"
     if path.exists():
