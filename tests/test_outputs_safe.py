@@ -229,6 +229,8 @@ def test_predict_folder_never_writes_over_inputs(tmp_path, zero_fn):
             pr.predict_folder(p, args)
         with pytest.raises(PetctError, match=r"--out .*raw is the same file as --input"):
             pr.predict_folder(p, _folder_args(input=str(raw), out=str(raw), overwrite=overwrite))
+        with pytest.raises(PetctError, match=r"--out .*preds lies inside --input"):
+            pr.predict_folder(p, _folder_args(input=str(raw), out=str(raw / "preds"), overwrite=overwrite))
         with pytest.raises(PetctError, match="the maps would replace the masks"):
             pr.predict_folder(p, _folder_args(input=str(raw), out=str(tmp_path / "o"),
                                               probabilities=str(tmp_path / "o" / "."), overwrite=overwrite))

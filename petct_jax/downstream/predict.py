@@ -80,7 +80,8 @@ import numpy as np
 
 from petct_jax.data.normalize import CHANNELS, CTForegroundStats, Normalizer, check_channels, make_normalizer
 from petct_jax.errors import PetctError
-from petct_jax.output_paths import refuse_existing, refuse_output_over_inputs, same_path, save_nifti
+from petct_jax.output_paths import (is_within, refuse_existing, refuse_output_over_inputs, same_path,
+                                    save_nifti)
 from petct_jax.preprocessing import plausibility as checks
 from petct_jax.preprocessing.readers import NIFTI_ENDINGS
 
@@ -501,6 +502,12 @@ def check_folder_outputs(args: argparse.Namespace, specs: Sequence[Any]) -> None
             if hit is not None:
                 raise PetctError(f"{option} {folder}: output {out} is the same file as input {hit}: "
                                  "refusing to overwrite an input")
+    # Masks inside the input tree would be listed as scans (or labels) by the next run over it.
+    if os.path.isdir(args.input):
+        for option, folder in folders:
+            if is_within(folder, args.input):
+                raise PetctError(f"{option} {folder} lies inside --input {args.input}: its masks would "
+                                 "be read as input files; write them elsewhere")
 
 
 def _check_nifti_name(path: str, option: str) -> None:
