@@ -68,7 +68,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -102,6 +102,14 @@ BODY_MIN_DICE = 0.80
 
 def default_levels(names: Sequence[str] = CHECKS) -> dict[str, str]:
     return {name: "error" for name in names}
+
+
+def add_argument(parser: Any, names: Sequence[str], example: str) -> None:
+    """The `--plausibility` option of a command that runs the checks `names`."""
+    parser.add_argument("--plausibility", default="error",
+                        help="level of the plausibility checks, error|warn|off, with optional "
+                             f"overrides CHECK=LEVEL (e.g. {example}); checks: "
+                             + ", ".join(names) + " (default %(default)s)")
 
 
 def parse_levels(text: str, names: Sequence[str] = CHECKS) -> dict[str, str]:

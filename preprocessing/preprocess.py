@@ -74,10 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-voxels", default=f"{DEFAULT_MAX_VOXELS:g}",
                         help="refuse an image whose header claims more voxels (default "
                              "%(default)s: checked before any voxel is read)")
-    parser.add_argument("--plausibility", default="error",
-                        help="level of the plausibility checks, error|warn|off, with optional "
-                             "overrides CHECK=LEVEL (e.g. warn,ct_range=off); checks: "
-                             + ", ".join(checks.CHECKS) + " (default %(default)s)")
+    checks.add_argument(parser, checks.CHECKS, "warn,ct_range=off")
 
 
 def parse_max_voxels(text: str) -> int:

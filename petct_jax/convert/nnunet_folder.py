@@ -75,19 +75,13 @@ RESULTS_FOLDER_DEFAULT = "Dataset901_PETCT/nnUNetTrainer__nnUNetPlans__3d_fullre
 
 
 def _run_model(run: str, which: str | int) -> tuple[Any, Any]:
-    """(source, model) of a petct run: the network with the checkpoint's parameters."""
-    from flax import nnx
+    """(source, model) of a petct run: its network with the checkpoint's parameters."""
+    from petct_jax.downstream.weights import load_backbone
 
-    from petct_jax.downstream.weights import read_source
-
-    source = read_source(run, which)
+    model, source = load_backbone(run, which)
     if source.model_name not in ("plain_unet", "resenc_unet"):
         raise PetctError(f"{run}: a {source.model_name} network; nnU-Net v2 runs PlainConvUNet and "
                          "ResidualEncoderUNet only")
-    model = source.build()
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, source.params)
-    nnx.update(model, state)
     return source, model
 
 

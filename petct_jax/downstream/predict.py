@@ -115,10 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", default=None,
                         help="store voxel size z,y,x in mm; only needed when the run's store is "
                              "unreachable and its config records none")
-    parser.add_argument("--plausibility", default="error",
-                        help="level of the plausibility checks on each scan, error|warn|off, with "
-                             "optional overrides CHECK=LEVEL (e.g. warn,body_masks=off); checks: "
-                             + ", ".join(checks.PREDICT_CHECKS) + " (default %(default)s)")
+    checks.add_argument(parser, checks.PREDICT_CHECKS, "warn,body_masks=off")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
